@@ -1,0 +1,187 @@
+"""The public entry points: attribute(), methods(), layers()."""
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from typing import Any, Callable, MutableMapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import methods as registry
+from ._errors import closest
+from .attribution import Attribution, display_map, normalise, on_image
+from .context import Context
+from .hygiene import borrowed, model_device
+from .images import Prepared, Preprocess, prepare
+from .layers import candidates
+from .models import ModelInfo, describe, weights_digest
+
+TOPK = 5
+
+
+def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target: Any = None,
+              layer: str | None = None, labels: Sequence[str] | None = None,
+              preprocess: Preprocess | None = None, batch_size: int | None = None,
+              progress: Callable[[float], None] | None = None, **params: Any
+              ) -> Attribution | list[Attribution]:
+    """Explain ``model``'s decision on ``images`` with ``method``.
+
+    ``images``: a path, PIL image, HWC numpy array, (C,H,W)/(N,C,H,W) preprocessed tensor, or a list.
+    ``target``: None (the predicted class), a class index, a class name, or one per image.
+    Method parameters (``steps=``, ``samples=``, ``noise=``…) are listed by ``nbx.methods()``.
+    Returns one Attribution for one image, a list for a list or an (N,C,H,W) tensor.
+    """
+    spec = registry.get(method)
+    info = describe(model, preprocess, labels)
+    prepared = prepare(images, info.preprocess)
+    chosen = spec.validate(params)
+    if layer is not None and not spec.needs_layer:
+        raise ValueError(f"layer: {method!r} does not use a layer; layer methods are "
+                         f"{', '.join(m.name for m in registry.REGISTRY.values() if m.needs_layer)}")
+    run = compute(model, prepared.x, spec, chosen, target=target, layer=layer, info=info,
+                  batch_size=batch_size, progress=progress)
+    results = package(run, prepared, info, model)
+    single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
+    return results[0] if single else results
+
+
+class Run:
+    """What compute() produced for a batch, before it is split per image."""
+
+    def __init__(self, spec, params, raw, targets, logits, meta, device):
+        self.spec, self.params, self.raw, self.targets = spec, params, raw, targets
+        self.logits, self.meta, self.device = logits, meta, device
+
+
+def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: Any, layer: str | None,
+            info: ModelInfo, batch_size: int | None = None, memo: MutableMapping | None = None,
+            progress: Callable[[float], None] | None = None, logits: torch.Tensor | None = None,
+            keep_intermediates: bool = False) -> Run:
+    """Run one method on a preprocessed batch, with the model borrowed (restored on exit)."""
+    device = model_device(model)
+    if spec.vit_only and not any(n.endswith("attn_drop") for n, _ in model.named_modules()):
+        raise ValueError(f"method {spec.name!r} needs a Vision Transformer (timm Attention modules with "
+                         f"'attn_drop'); {type(model).__name__} has none. For CNNs use 'gradcam', "
+                         "'integrated_gradients' or 'occlusion'")
+    with borrowed(model):
+        x = x.to(device)
+        if logits is None:
+            with torch.no_grad():
+                logits = model(x)
+        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"model: expected class scores of shape (N, classes), got {tuple(logits.shape)}; "
+                             "wrap the model so it returns logits")
+        targets = resolve_targets(target, logits, info.labels).to(device)
+        ctx = Context(model, x, targets, info.preprocess, batch_size or auto_batch_size(x, device),
+                      memo if memo is not None else {}, progress, {}, layer, keep_intermediates)
+        raw = spec.fn(ctx, **params)
+    return Run(spec, params, raw.detach(), targets.cpu(), logits.detach().cpu(), ctx.meta, device)
+
+
+def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:
+    """Samples per forward/backward for expanded work (IG steps, noise samples, windows)."""
+    pixels = x.shape[1] * x.shape[2] * x.shape[3]
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(max(8, min(256, free // (pixels * 4 * 400))))   # ~400 floats per pixel of activations
+    return int(max(4, min(64, (16 * 3 * 224 * 224) // pixels)))
+
+
+def resolve_targets(target: Any, logits: torch.Tensor, labels: Sequence[str] | None) -> torch.Tensor:
+    n, classes = logits.shape
+    if target is None:
+        return logits.argmax(1)
+    if isinstance(target, torch.Tensor):
+        target = target.tolist()
+    if isinstance(target, (list, tuple, np.ndarray)):
+        if len(target) != n:
+            raise ValueError(f"target: got {len(target)} targets for {n} images; pass one per image or one for all")
+        return torch.tensor([_one_target(t, classes, labels) for t in target])
+    return torch.full((n,), _one_target(target, classes, labels), dtype=torch.long)
+
+
+def _one_target(t: Any, classes: int, labels: Sequence[str] | None) -> int:
+    if isinstance(t, str):
+        if not labels:
+            raise ValueError(f"target={t!r}: this model has no class names; pass labels=[...] or a class index")
+        wanted = t.strip().lower()
+        for i, label in enumerate(labels):
+            if wanted == label.lower() or wanted in (s.strip().lower() for s in label.split(",")):
+                return i
+        synonyms = [s.strip() for label in labels for s in label.split(",")]
+        raise ValueError(f"target={t!r}: no class of that name.{closest(t, synonyms)}")
+    if isinstance(t, (bool, float)) or not isinstance(t, (int, np.integer)):
+        raise TypeError(f"target: expected a class index or name, got {t!r}")
+    if not 0 <= int(t) < classes:
+        raise ValueError(f"target={int(t)} is out of range: the model has {classes} classes (0..{classes - 1})")
+    return int(t)
+
+
+def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> list[Attribution]:
+    """Split a batch run into per-image Attributions with display maps and provenance."""
+    probs = run.logits.float().softmax(1)
+    k = min(TOPK, probs.shape[1])
+    top_p, top_i = probs.topk(k, 1)
+    reduce_, signed = run.meta.pop("display", (run.spec.reduce, run.spec.signed))
+    common = provenance(run, info, model)
+    out = []
+    for i in range(len(run.targets)):
+        raw = run.raw[i:i + 1].float().cpu()
+        m = display_map(raw, run.spec.kind, reduce_, tuple(prepared.x.shape[2:])).numpy()
+        original = prepared.originals[i]
+        m = on_image(m, original, prepared.boxes[i] if prepared.boxes else None)
+        m, scale = normalise(m)
+        t = int(run.targets[i])
+        label = info.labels[t] if info.labels else None
+        meta = dict(common, target=t, label=label, signed=signed, display_reduce=reduce_,
+                    crop_box=list(prepared.boxes[i]) if prepared.boxes and prepared.boxes[i] else None,
+                    **{key: (v[i] if isinstance(v, list) and len(v) == len(run.targets) else v)
+                       for key, v in run.meta.items()})
+        image = original if original is not None else _pixels(prepared.x[i], info.preprocess)
+        out.append(Attribution(m, raw, t, label,
+                               [(int(j), info.labels[j] if info.labels else None, float(p))
+                                for p, j in zip(top_p[i], top_i[i])], meta, image, scale))
+    return out
+
+
+def _pixels(x: torch.Tensor, preprocess: Preprocess | None) -> np.ndarray | None:
+    if preprocess is None or x.shape[0] != 3:
+        return None
+    px = preprocess.denormalize(x[None].cpu())[0].clamp(0, 1)
+    return (px.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def provenance(run: Run, info: ModelInfo, model: nn.Module) -> dict:
+    import timm
+    from . import __version__
+    params = {k: (v if not isinstance(v, torch.Tensor) else f"tensor{tuple(v.shape)}") for k, v in run.params.items()}
+    return {"method": run.spec.name, "params": params, "model": info.name, "model_class": type(model).__name__,
+            "model_source": info.source, "weights_sha256": weights_digest(model),
+            "preprocess": info.preprocess.as_dict() if info.preprocess else None,
+            "versions": {"nbexplain": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                         "python": platform.python_version()},
+            "device": str(run.device), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "model_mode": "eval (restored after the call)"}
+
+
+def methods() -> list[dict]:
+    """Every method with its parameter schema (name, type, default, range, help)."""
+    return [m.schema() for m in registry.REGISTRY.values()]
+
+
+def layers(model: nn.Module, image: Any = None, *, all: bool = False,
+           preprocess: Preprocess | None = None) -> list[dict]:
+    """Candidate layers for layer methods, in depth order, with kind and grid."""
+    info = describe(model, preprocess)
+    if image is not None:
+        shape = tuple(prepare(image, info.preprocess).x.shape)
+    elif info.preprocess is not None:
+        shape = (1, info.preprocess.channels, *info.preprocess.size)
+    else:
+        raise ValueError("layers: this model has no preprocessing config; pass an example image "
+                         "(nbx.layers(model, x)) or preprocess=nbx.Preprocess(...)")
+    with borrowed(model):
+        return [layer.as_dict() for layer in candidates(model, shape, all_layers=all)]

@@ -1,0 +1,67 @@
+"""The result of an attribution: display map, method-native raw tensor, target, probabilities, provenance."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .images import to_original_grid
+
+
+@dataclass
+class Attribution:
+    """One image's explanation.
+
+    ``map`` is (H, W) float32 at the input image's resolution, scaled to [-1, 1] (signed methods)
+    or [0, 1]; ``raw`` is the method-native tensor on CPU with a leading batch dim of 1.
+    """
+
+    map: np.ndarray
+    raw: torch.Tensor
+    target: int
+    label: str | None
+    probs: list[tuple[int, str | None, float]]
+    meta: dict
+    image: np.ndarray | None = field(default=None, repr=False)   # the pixels the map lies over (uint8 HWC)
+    scale: float = 1.0                                            # map = unscaled / scale
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.meta["signed"])
+
+    @property
+    def delta(self) -> float | None:
+        """Integrated Gradients' completeness delta: Σ attributions − (f(x) − f(baseline))."""
+        return self.meta.get("delta")
+
+    def __repr__(self) -> str:
+        extra = f", delta={self.delta:.3g}" if self.delta is not None else ""
+        return (f"Attribution(method={self.method!r}, target={self.target} ({self.label}), "
+                f"map={self.map.shape}{extra})")
+
+
+def display_map(raw: torch.Tensor, kind: str, reduce: str, input_hw: tuple[int, int]) -> torch.Tensor:
+    """Method-native (1, ...) tensor -> (H, W) map at the model input's resolution, not yet normalised."""
+    if kind == "pixel":
+        r = raw[0]
+        if reduce == "absmax":
+            return r.abs().amax(0)
+        return r.mean(0) if reduce == "mean" else r.sum(0)
+    m = raw[0].float()
+    return F.interpolate(m[None, None], size=input_hw, mode="bilinear", align_corners=False)[0, 0]
+
+
+def normalise(m: np.ndarray) -> tuple[np.ndarray, float]:
+    """Divide by max |value| (sign kept); an all-zero map stays zero."""
+    scale = float(np.abs(m).max()) if m.size else 0.0
+    return (m / scale if scale > 0 else m).astype(np.float32), scale
+
+
+def on_image(m: np.ndarray, original: np.ndarray | None, box) -> np.ndarray:
+    return m if original is None else to_original_grid(m, box, original.shape[:2])

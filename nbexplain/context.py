@@ -1,0 +1,175 @@
+"""What a method sees while it runs: the model, the batch, targets, and the passes it may ask for."""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, MutableMapping
+
+import torch
+from torch import nn
+
+from .hygiene import forward_hooks, unfused_attention
+from .images import Preprocess
+from .layers import Layer, as_spatial, first_tensor, resolve, token_layout
+
+
+@dataclass
+class Context:
+    """One attribution call. Every pass runs under ``hygiene.borrowed`` (set up by the caller)."""
+
+    model: nn.Module
+    x: torch.Tensor                       # (N,C,H,W) on the model's device, never modified
+    targets: torch.Tensor                 # (N,) long
+    preprocess: Preprocess | None
+    batch_size: int                       # samples per forward/backward in expanded work
+    memo: MutableMapping = field(default_factory=dict)   # reusable partial results (pipeline cache)
+    progress: Callable[[float], None] | None = None
+    meta: dict = field(default_factory=dict)             # what the method reports (delta, layer, warnings)
+    layer_name: str | None = None
+    keep_intermediates: bool = False     # keep per-point gradients in memo (the widget refines them later)
+
+    # --- basic passes ------------------------------------------------------------------------------
+    def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Target logits of a batch, without gradients, chunked."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(xs), self.batch_size):
+                logits = self.model(xs[i:i + self.batch_size])
+                out.append(logits.gather(1, targets[i:i + self.batch_size, None])[:, 0])
+        return torch.cat(out)
+
+    def input_grads(self, xs: torch.Tensor, targets: torch.Tensor,
+                    hooks: Callable[[], object] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+        """d target-logit / d input for a batch, chunked; also returns the target logits."""
+        grads, scores = [], []
+        for i in range(0, len(xs), self.batch_size):
+            xi = xs[i:i + self.batch_size].detach().requires_grad_(True)
+            with torch.enable_grad(), hooks():
+                score = self.model(xi).gather(1, targets[i:i + self.batch_size, None])[:, 0]
+                (g,) = torch.autograd.grad(score.sum(), xi)
+            grads.append(g)
+            scores.append(score.detach())
+            self.report(min(1.0, (i + len(xi)) / len(xs)))
+        return torch.cat(grads), torch.cat(scores)
+
+    def report(self, fraction: float) -> None:
+        if self.progress is not None:
+            self.progress(fraction)
+
+    # --- layers ------------------------------------------------------------------------------------
+    def layer(self) -> Layer:
+        found = resolve(self.model, tuple(self.x.shape), self.layer_name)
+        self.meta["layer"] = found.name
+        return found
+
+    def capture(self, layer: Layer, gradients: bool = True, input_grad: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Activations A (N,C,h,w) at a layer and dA = d target-logit / dA, from one forward/backward.
+
+        Memoised per layer, so switching between CAM methods at a layer reruns nothing.
+        """
+        key = ("capture", layer.name, gradients, input_grad)
+        if key not in self.memo:
+            self.memo[key] = self._capture([layer], gradients, input_grad)
+        acts, grads, gx = self.memo[key]
+        return acts[layer.name], (grads or {}).get(layer.name), gx
+
+    def _capture(self, layers: list[Layer], gradients: bool, input_grad: bool):
+        modules = dict(self.model.named_modules())
+        outputs: dict[str, torch.Tensor] = {}
+
+        def hook_for(name):
+            def hook(_m, _inp, out):
+                t = first_tensor(out)
+                outputs[name] = t
+                # later in-place ops (ReLU(inplace=True)) must not rewrite what we captured
+                clone = t.clone()
+                return clone if isinstance(out, torch.Tensor) else (clone, *out[1:])
+            return hook
+
+        x = self.x.detach().requires_grad_(gradients or input_grad)
+        with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
+                forward_hooks((modules[layer.name], hook_for(layer.name)) for layer in layers):
+            logits = self.model(x)
+            missing = [layer.name for layer in layers if layer.name not in outputs]
+            if missing:
+                raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
+            grads = None
+            wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
+            if gradients or input_grad:
+                score = logits.gather(1, self.targets[:, None]).sum()
+                got = torch.autograd.grad(score, wrt, allow_unused=True)
+                got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
+        hw = tuple(self.x.shape[2:])
+        acts, grads = {}, {} if gradients else None
+        for i, layer in enumerate(layers):
+            t = outputs[layer.name].detach()
+            layout = token_layout(self.model, t.shape[1], hw) if t.ndim == 3 else None
+            acts[layer.name] = as_spatial(t, layout)
+            if gradients:
+                grads[layer.name] = as_spatial(got[i], layout)
+        gx = got[-1] if input_grad else None
+        self.report(1.0)
+        return acts, grads, gx
+
+    # --- attention (ViTs) --------------------------------------------------------------------------
+    def attention(self, gradients: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """Per-block attention matrices (N,heads,T,T) and, optionally, d target-logit / d attention."""
+        key = ("attention", gradients)
+        if key not in self.memo:
+            self.memo[key] = self._attention(gradients)
+        return self.memo[key]
+
+    def _attention(self, gradients: bool):
+        mods = [m for n, m in self.model.named_modules() if n.endswith("attn_drop")]
+        maps: list[torch.Tensor] = []
+
+        def hook(_m, _inp, out):
+            maps.append(out)
+            return out.clone()
+
+        x = self.x.detach().requires_grad_(gradients)
+        with unfused_attention(self.model), forward_hooks((m, hook) for m in mods), \
+                torch.enable_grad() if gradients else torch.no_grad():
+            logits = self.model(x)
+            if not maps:
+                raise ValueError("attention: no attention matrix was captured; the model has no timm-style "
+                                 "'attn_drop' after its softmax. Attention methods need a timm Vision "
+                                 "Transformer (ViT, DeiT, EVA...); use 'gradcam' on a block's norm1 instead")
+            grads = None
+            if gradients:
+                score = logits.gather(1, self.targets[:, None]).sum()
+                grads = [g.detach() for g in torch.autograd.grad(score, maps)]
+        self.report(1.0)
+        return [m.detach() for m in maps], grads
+
+    def patch_layout(self, num_tokens: int):
+        layout = token_layout(self.model, num_tokens, tuple(self.x.shape[2:]))
+        if layout is None:
+            raise ValueError(f"attention: cannot map {num_tokens} tokens onto a patch grid for input "
+                             f"{tuple(self.x.shape[2:])}")
+        return layout
+
+
+@contextmanager
+def guided_relus(model: nn.Module) -> Iterator[int]:
+    """Guided backprop: ReLU/ReLU6 pass only positive gradients back. Yields how many were hooked."""
+    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+
+    def hook(_m, _inp, out):
+        return _PositiveGrad.apply(out)
+
+    with forward_hooks((m, hook) for m in relus):
+        yield len(relus)
+
+
+class _PositiveGrad(torch.autograd.Function):
+    """Identity forward; clamps the incoming gradient at zero (the ReLU mask follows in its own backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()   # a clone, not a view: later in-place ops on it stay legal
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(min=0)

@@ -1,0 +1,74 @@
+"""Context managers that leave the user's model exactly as they found it."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def borrowed(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, parameters frozen, fused attention as requested; everything restored on exit.
+
+    Restoring each module's own flags (not calling ``model.train()``) keeps mixed train/eval
+    states intact, and freezing parameters means autograd only ever produces input gradients,
+    so ``.grad`` of the user's parameters is never touched.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    try:
+        model.eval()
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in fused:
+            m.fused_attn = flag
+
+
+@contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[int]:
+    """Turn timm's fused attention off so the attention matrix is materialised; yields how many."""
+    mods = [m for m in model.modules() if getattr(m, "fused_attn", None) is not None]
+    saved = [(m, m.fused_attn) for m in mods]
+    try:
+        for m in mods:
+            m.fused_attn = False
+        yield len(mods)
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
+
+
+@contextmanager
+def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Register forward hooks for the duration of a block; always removed, even on error."""
+    handles = []
+    try:
+        for module, hook in pairs:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_count(model: nn.Module) -> int:
+    """Total number of hooks of every kind on the model (tests use it to prove nothing leaks)."""
+    names = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return sum(len(getattr(m, n, {})) for m in model.modules() for n in names)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")

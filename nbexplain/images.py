@@ -1,0 +1,220 @@
+"""Turn whatever the user calls an image into a PIL RGB image, and into the model's input tensor."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+           "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a PIL image becomes the model's input; mirrors timm's eval transform."""
+
+    size: tuple[int, int] = (224, 224)
+    crop_pct: float = 0.875
+    crop_mode: str = "center"          # center | squash | border, as in timm
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        size = (self.size, self.size) if isinstance(self.size, int) else tuple(int(s) for s in self.size)
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.interpolation not in _INTERP:
+            raise ValueError(f"Preprocess(interpolation={self.interpolation!r}): use one of {sorted(_INTERP)}")
+        if self.crop_mode not in ("center", "squash", "border"):
+            raise ValueError(f"Preprocess(crop_mode={self.crop_mode!r}): use 'center', 'squash' or 'border'")
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError("Preprocess: mean and std need one positive value per channel")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def as_dict(self) -> dict:
+        return {"size": list(self.size), "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N,C,H,W) pixels in [0, 1] -> model input space."""
+        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+        return (pixels - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return x * std + mean
+
+    def geometry(self, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(resized w, h) and the (left, top) of the crop window in resized pixels (negative = padding)."""
+        th, tw = self.size
+        sh, sw = (math.floor(s / self.crop_pct) for s in self.size)
+        if self.crop_mode == "squash":
+            rw, rh = sw, sh
+        elif self.crop_mode == "border":
+            r = min(sh / height, sw / width)
+            rw, rh = round(width * r), round(height * r)
+        elif sh == sw:                      # torchvision Resize(int): shorter side to `sh`
+            if width <= height:
+                rw, rh = sw, int(sw * height / width)
+            else:
+                rw, rh = int(sh * width / height), sh
+        else:                               # timm ResizeKeepRatio
+            r = max(sh / height, sw / width)
+            rw, rh = round(width * r), round(height * r)
+        return (rw, rh), (int(round((rw - tw) / 2.0)), int(round((rh - th) / 2.0)))
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
+        """PIL RGB -> ((C,H,W) normalised tensor, crop box in original-image pixels)."""
+        (rw, rh), (left, top) = self.geometry(*img.size)
+        th, tw = self.size
+        resized = img.resize((rw, rh), _INTERP[self.interpolation])
+        fill = tuple(round(255 * m) for m in self.mean[:3]) if self.crop_mode == "border" else 0
+        canvas = Image.new("RGB", (tw, th), fill)
+        canvas.paste(resized, (-left, -top))
+        x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        sx, sy = rw / img.size[0], rh / img.size[1]
+        box = (left / sx, top / sy, (left + tw) / sx, (top + th) / sy)
+        return self.normalize(x[None])[0], box
+
+
+def to_pil(image: Any) -> Image.Image:
+    """Path, PIL image (any mode, EXIF-rotated) or HWC numpy array -> PIL RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.exists(image):
+            raise FileNotFoundError(f"image: no file at {os.fspath(image)!r}")
+        with Image.open(image) as f:
+            f.load()
+            return to_pil(f)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(ImageOps.exif_transpose(image) or image)
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(_array_to_uint8(image))
+    raise TypeError(f"image: expected a path, a PIL image, an HWC numpy array or an (N,C,H,W) tensor, "
+                    f"got {type(image).__name__}")
+
+
+def _pil_to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # PIL's convert('RGB') clips high-bit-depth values at 255: rescale by the type's range instead
+        arr = np.asarray(img).astype(np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            hi = 1.0
+        return Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # transparent pixels are shown on white, as an image viewer would
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_uint8(a: np.ndarray) -> np.ndarray:
+    if a.size == 0:
+        raise ValueError("image: the array is empty")
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"image: array of shape {a.shape} looks channels-first; pass HWC "
+                         f"(np.transpose(a, (1, 2, 0)))")
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise ValueError(f"image: expected an HxW or HxWx3/4 array, got shape {a.shape}")
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("image: the array contains NaN or infinite values")
+        if a.min() < -1e-6 or a.max() > 1 + 1e-6:
+            raise ValueError(f"image: float arrays must hold pixels in [0, 1] (got {a.min():.3g}..{a.max():.3g}); "
+                             "divide uint8-range data by 255")
+        a = np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise TypeError(f"image: unsupported array dtype {a.dtype}; use uint8 or float in [0, 1]")
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    if a.shape[-1] == 4:
+        return np.asarray(_pil_to_rgb(Image.fromarray(np.ascontiguousarray(a), "RGBA")))
+    return np.ascontiguousarray(a)
+
+
+@dataclass
+class Prepared:
+    """A batch ready for the model, and what is needed to show maps on the user's own pixels."""
+
+    x: torch.Tensor                                   # (N,C,H,W) model input, detached copy
+    originals: list[np.ndarray | None]                # (h,w,3) uint8 per image, None for tensor inputs
+    boxes: list[tuple[float, float, float, float] | None] = field(default_factory=list)
+
+
+def prepare(images: Any, preprocess: Preprocess | None) -> Prepared:
+    """Images (one or a list) or an already preprocessed tensor -> a Prepared batch."""
+    if isinstance(images, torch.Tensor):
+        return _prepare_tensor(images, preprocess)
+    items: Sequence = images if isinstance(images, (list, tuple)) else [images]
+    if len(items) == 0:
+        raise ValueError("images: the list is empty")
+    if any(isinstance(i, torch.Tensor) for i in items):
+        return _prepare_tensor(torch.stack([torch.as_tensor(i) for i in items]), preprocess)
+    if preprocess is None:
+        raise ValueError("preprocess: this model carries no preprocessing config; pass "
+                         "preprocess=nbx.Preprocess(size=224, mean=..., std=...), or pass an already "
+                         "preprocessed (N,C,H,W) tensor")
+    pils = [to_pil(i) for i in items]
+    pairs = [preprocess(p) for p in pils]
+    x = torch.stack([t for t, _ in pairs])
+    return Prepared(x, [np.asarray(p) for p in pils], [b for _, b in pairs])
+
+
+def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:
+    if t.ndim == 3:
+        t = t[None]
+    if t.ndim != 4:
+        raise ValueError(f"images: a tensor must be (N,C,H,W) or (C,H,W), got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"images: the tensor is empty (shape {tuple(t.shape)})")
+    if not t.is_floating_point():
+        raise TypeError(f"images: a tensor input must be float (already preprocessed), got {t.dtype}; "
+                        "pass uint8 pixels as a numpy HWC array instead")
+    if not torch.isfinite(t).all():
+        raise ValueError("images: the tensor contains NaN or infinite values")
+    if preprocess is not None and t.shape[1] != preprocess.channels:
+        raise ValueError(f"images: the model expects {preprocess.channels} channels, the tensor has "
+                         f"{t.shape[1]} (shape {tuple(t.shape)}); is it NHWC? use t.permute(0, 3, 1, 2)")
+    return Prepared(t.detach().clone().float(), [None] * t.shape[0], [None] * t.shape[0])
+
+
+def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | None,
+                     shape: tuple[int, int]) -> np.ndarray:
+    """Place a map computed on the model's crop back onto the original image (zero outside the crop)."""
+    if box is None:
+        return m
+    h, w = shape
+    left, top, right, bottom = box
+    bw, bh = max(1, round(right - left)), max(1, round(bottom - top))
+    resized = F.interpolate(torch.from_numpy(m)[None, None], size=(bh, bw), mode="bilinear",
+                            align_corners=False)[0, 0].numpy()
+    out = np.zeros((h, w), np.float32)
+    x0, y0 = round(left), round(top)
+    sx0, sy0 = max(0, -x0), max(0, -y0)
+    x1, y1 = min(w, x0 + bw), min(h, y0 + bh)
+    out[max(0, y0):y1, max(0, x0):x1] = resized[sy0:sy0 + y1 - max(0, y0), sx0:sx0 + x1 - max(0, x0)]
+    return out

@@ -1,0 +1,192 @@
+"""Find the layers a CAM method can use, and read ViT token layouts from the model's own geometry."""
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._errors import unknown
+from .hygiene import borrowed, forward_hooks, model_device
+
+_SKIP = (nn.Dropout, nn.Identity)
+_SEQUENCES = ("blocks", "layers", "stages", "features")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer whose output can be read as a spatial map."""
+
+    name: str
+    kind: str                 # "conv": (N,C,h,w) output; "tokens": (N,T,C) reshaped to the patch grid
+    grid: tuple[int, int]
+    channels: int
+    depth: int                # position in execution order
+    module_type: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "grid": list(self.grid), "channels": self.channels,
+                "depth": self.depth, "type": self.module_type}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    prefix: int               # class/register/distillation tokens before the patches
+    grid: tuple[int, int]
+
+
+def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
+    """How (N,T,C) tokens map onto the patch grid: from the model's attributes, else inferred."""
+    pe = getattr(model, "patch_embed", None)
+    grid = getattr(pe, "grid_size", None)
+    patch = getattr(pe, "patch_size", None) or getattr(model, "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        grid = (input_hw[0] // ph, input_hw[1] // pw)     # follows the actual input size (dynamic img size)
+    if grid is not None:
+        prefix = getattr(model, "num_prefix_tokens", None)
+        if prefix is None:
+            prefix = num_tokens - grid[0] * grid[1]
+        if prefix >= 0 and num_tokens == prefix + grid[0] * grid[1]:
+            return TokenLayout(int(prefix), (int(grid[0]), int(grid[1])))
+        if num_tokens == grid[0] * grid[1]:               # before the prefix tokens are added
+            return TokenLayout(0, (int(grid[0]), int(grid[1])))
+    return _infer_layout(num_tokens, input_hw)
+
+
+def _infer_layout(num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
+    """A grid with the input's aspect ratio and an integer patch size, after up to 16 prefix tokens."""
+    h, w = input_hw
+    for prefix in range(0, 17):
+        n = num_tokens - prefix
+        for patch in range(1, max(h, w) + 1):
+            if h % patch == 0 and w % patch == 0 and (h // patch) * (w // patch) == n and n > 1:
+                return TokenLayout(prefix, (h // patch, w // patch))
+    return None
+
+
+def as_spatial(t: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor | None:
+    """(N,C,h,w) view of a layer output, or None when it has no spatial reading."""
+    if t.ndim == 4 and t.shape[2] * t.shape[3] > 1:
+        return t
+    if t.ndim == 3 and layout is not None and t.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]:
+        n, _, c = t.shape
+        return t[:, layout.prefix:].reshape(n, *layout.grid, c).permute(0, 3, 1, 2)
+    return None
+
+
+def first_tensor(out) -> torch.Tensor | None:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return None
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def discover(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
+    """Every module with a spatial output, in execution order (one probe forward, memoised)."""
+    key = tuple(input_shape[1:])
+    per_model = _CACHE.setdefault(model, OrderedDict())
+    if key in per_model:
+        return per_model[key]
+    names = {m: n for n, m in model.named_modules() if n}
+    seen: list[tuple[str, nn.Module, tuple, bool]] = []
+    previous: list[torch.Tensor] = []        # a container's hook fires right after its last child's
+
+    def record(module, _inp, out):
+        t = first_tensor(out)
+        if t is not None and module in names:
+            seen.append((names[module], module, tuple(t.shape), bool(previous) and previous[0] is t))
+            previous[:] = [t]
+
+    x = torch.zeros((1, *input_shape[1:]), device=model_device(model))
+    with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names):
+        model(x)
+    layers: list[Layer] = []
+    for name, module, shape, same_as_previous in seen:
+        layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None
+        probe = torch.empty(shape, device="meta")
+        spatial = as_spatial(probe, layout)
+        if spatial is None or isinstance(module, _SKIP):
+            continue
+        layer = Layer(name, "tokens" if len(shape) == 3 else "conv", tuple(spatial.shape[2:]),
+                      int(spatial.shape[1]), len(layers), type(module).__name__)
+        if same_as_previous and layers and layers[-1].name.startswith(name + "."):
+            # a container that returns its last child's output: one entry, under the more telling name
+            if name.split(".")[-1] not in _SEQUENCES:
+                layers[-1] = Layer(name, layer.kind, layer.grid, layer.channels, layers[-1].depth,
+                                   layer.module_type)
+        else:
+            layers.append(layer)
+    per_model[key] = layers
+    while len(per_model) > 4:                      # bounded: a few input sizes per model
+        per_model.popitem(last=False)
+    return layers
+
+
+def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool = False) -> list[Layer]:
+    """Block-level layers (containers, top-level modules, ViT blocks' norm1), or every spatial one."""
+    layers = discover(model, input_shape)
+    if all_layers:
+        return layers
+    keep = [layer for layer in layers if _block_level(layer)]
+    return keep
+
+
+def _block_level(layer: Layer) -> bool:
+    """Stem/head modules, numbered blocks and their stages, not the parts inside a block."""
+    parts = layer.name.split(".")
+    inside_block = any(p.isdigit() for p in parts[:-1])
+    if layer.kind == "tokens" and parts[-1] == "norm1":
+        return True                          # the usual ViT CAM layer (input of the block's attention)
+    return len(parts) == 1 or (parts[-1].isdigit() and not inside_block) or not inside_block and \
+        parts[-1] in _SEQUENCES
+
+
+def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
+    """A sensible layer for CAMs.
+
+    CNNs: the last layer whose grid is still at least 7 cells on its short side (the last stage
+    at 224 px; an earlier stage for small inputs where the last one is 2x2). ViTs: with class-token
+    pooling the last block's patch tokens get no gradient, so the last block's ``norm1``.
+    """
+    layers = candidates(model, input_shape)
+    if not layers:
+        raise ValueError("layer: this model has no layer with a spatial output (no (N,C,h,w) feature map "
+                         "and no ViT patch tokens); use a pixel method such as 'integrated_gradients'")
+    convs = [layer for layer in layers if layer.kind == "conv" and layer.depth > 0]
+    tokens = [layer for layer in layers if layer.kind == "tokens"]
+    if tokens and len(tokens) >= len(convs):
+        norms = [layer for layer in tokens if layer.name.endswith(".norm1")]
+        pool = getattr(model, "global_pool", "token")
+        if norms and pool == "token":
+            return norms[-1]
+        blocks = [layer for layer in tokens if not layer.name.endswith(".norm1")
+                  and layer.name != "norm" and "patch_embed" not in layer.name]
+        return (blocks or tokens)[-1]
+    big = [layer for layer in convs if min(layer.grid) >= 7]
+    return (big or convs or layers)[-1]
+
+
+def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer | None) -> Layer:
+    """The Layer for a user's name (or the default), with a close-match hint when it is wrong."""
+    if isinstance(layer, Layer):
+        return layer
+    if layer is None or layer == "":
+        return default_layer(model, input_shape)
+    if not isinstance(layer, str):
+        raise TypeError(f"layer: expected a module name such as 'layer4', got {type(layer).__name__}")
+    by_name = {x.name: x for x in discover(model, input_shape)}
+    if layer in by_name:
+        return by_name[layer]
+    modules = dict(model.named_modules())
+    if layer in modules:
+        raise ValueError(f"layer {layer!r} has no spatial output (it gives neither (N,C,h,w) maps nor ViT "
+                         f"patch tokens), so CAM methods cannot use it; pick one of nbx.layers(model), "
+                         f"e.g. {default_layer(model, input_shape).name!r}")
+    raise unknown("layer", layer, [x.name for x in candidates(model, input_shape)] or list(by_name))

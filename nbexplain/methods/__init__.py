@@ -1,0 +1,108 @@
+"""The method registry: each attribution method is one decorated function with a parameter schema."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .._errors import unknown
+
+
+@dataclass(frozen=True)
+class Param:
+    """One method parameter: enough for validation, docs and the widget's controls."""
+
+    name: str
+    type: str                                   # int | float | choice | bool
+    default: Any
+    help: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple = ()
+    special: tuple = ()                          # extra accepted values, e.g. "auto" for steps
+
+    def validate(self, method: str, value: Any) -> Any:
+        where = f"{method}: {self.name}={value!r}"
+        if value in self.special and not isinstance(value, bool):
+            return value
+        if self.type == "choice":
+            if value not in self.choices:
+                raise unknown(f"value for {self.name!r} of {method!r}:", value, self.choices)
+            return value
+        if self.type == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"{where}: expected True or False")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (self.type == "int" and not float(value).is_integer()):
+            extra = f" or {', '.join(map(repr, self.special))}" if self.special else ""
+            raise TypeError(f"{where}: expected {'an integer' if self.type == 'int' else 'a number'}{extra}")
+        value = int(value) if self.type == "int" else float(value)
+        if not math.isfinite(value) or (self.min is not None and value < self.min) or \
+                (self.max is not None and value > self.max):
+            raise ValueError(f"{where}: must be within [{self.min}, {self.max}]")
+        return value
+
+    def schema(self) -> dict:
+        d = asdict(self)
+        d["choices"] = list(self.choices)
+        d["special"] = list(self.special)
+        return d
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method. ``fn(ctx, **params)`` returns the method-native ``raw`` tensor."""
+
+    name: str
+    fn: Callable
+    kind: str                     # pixel (input-shaped) | cam (N,h,w at a layer) | attention (N,h,w, ViT)
+    summary: str
+    signed: bool                  # the display map keeps its sign
+    params: tuple[Param, ...] = ()
+    needs_layer: bool = False
+    vit_only: bool = False
+    reduce: str = "sum"           # pixel methods: how channels collapse for display (sum | absmax)
+    reference: str = ""
+    tags: tuple[str, ...] = field(default=())
+
+    def validate(self, given: dict) -> dict:
+        known = {p.name: p for p in self.params}
+        extra = [k for k in given if k not in known]
+        if extra:
+            raise unknown(f"parameter for {self.name!r}:", extra[0], known) if known else \
+                TypeError(f"{self.name!r} takes no parameters, got {', '.join(extra)}")
+        return {name: p.validate(self.name, given.get(name, p.default)) for name, p in known.items()}
+
+    def schema(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "summary": self.summary, "signed": self.signed,
+                "needs_layer": self.needs_layer, "vit_only": self.vit_only, "reference": self.reference,
+                "params": [p.schema() for p in self.params]}
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str, **spec: Any) -> Callable[[Callable], Callable]:
+    """Decorator: add ``fn`` to the registry under ``name``."""
+    def deco(fn: Callable) -> Callable:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice")
+        REGISTRY[name] = Method(name=name, fn=fn, **spec)
+        return fn
+    return deco
+
+
+def get(name: str) -> Method:
+    if not isinstance(name, str):
+        raise TypeError(f"method: expected a method name such as 'gradcam', got {type(name).__name__}")
+    if name not in REGISTRY:
+        raise unknown("method", name, REGISTRY)
+    return REGISTRY[name]
+
+
+SEED = Param("seed", "int", 0, "random seed: the same seed gives the same map", 0, 2**31 - 1, 1)
+
+# importing the method modules fills the registry
+from . import gradients, smoothgrad, integrated, cams, occlusion, attention  # noqa: E402,F401

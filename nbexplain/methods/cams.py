@@ -1,0 +1,99 @@
+"""The CAM family: each method weighs a layer's activations A (N,C,h,w), mostly by their gradients G."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..context import Context
+from . import register
+from .gradients import _guided_backprop
+
+CAMS: dict[str, Callable] = {}
+
+
+def cam(name: str, summary: str, reference: str, gradients: bool = True):
+    """Register ``weigh(A, G, ctx) -> (N,h,w)`` as a layer method; ReLU is applied to every CAM."""
+    def deco(weigh: Callable) -> Callable:
+        def run(ctx: Context) -> torch.Tensor:
+            acts, grads, _ = ctx.capture(ctx.layer(), gradients=gradients)
+            return F.relu(weigh(acts, grads, ctx))
+        CAMS[name] = weigh
+        register(name, kind="cam", signed=False, needs_layer=True, summary=summary, reference=reference)(run)
+        return weigh
+    return deco
+
+
+def _weighted(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (weights[:, :, None, None] * acts).sum(1)
+
+
+@cam("gradcam", "Channels weighted by their mean gradient.", "Selvaraju et al. 2017")
+def gradcam(A, G, ctx):
+    return _weighted(A, G.mean((2, 3)))
+
+
+@cam("gradcam++", "Channels weighted by positive gradients with higher-order terms (better for several "
+     "instances).", "Chattopadhyay et al. 2018")
+def gradcam_pp(A, G, ctx):
+    g2 = G * G
+    alpha = g2 / (2 * g2 + A.sum((2, 3), keepdim=True) * g2 * G + 1e-6)
+    alpha = torch.where(G != 0, alpha, torch.zeros_like(alpha))
+    return _weighted(A, (F.relu(G) * alpha).sum((2, 3)))
+
+
+@cam("xgradcam", "Channels weighted by activation-normalised gradients (axiom-based).", "Fu et al. 2020")
+def xgradcam(A, G, ctx):
+    return _weighted(A, (G * A / (A.sum((2, 3), keepdim=True) + 1e-7)).sum((2, 3)))
+
+
+@cam("layercam", "Every location weighted by its own positive gradient (finer maps at early layers).",
+     "Jiang et al. 2021")
+def layercam(A, G, ctx):
+    return (F.relu(G) * A).sum(1)
+
+
+@cam("hirescam", "Element-wise gradient × activation summed over channels (faithful to the model's "
+     "score for linear heads).", "Draelos & Carin 2020")
+def hirescam(A, G, ctx):
+    return (G * A).sum(1)
+
+
+@cam("eigencam", "First principal component of the activations (no gradients, class-agnostic). The "
+     "sign is chosen to agree with the mean activation.", "Muhammad & Yeasin 2020", gradients=False)
+def eigencam(A, G, ctx):
+    n, c, h, w = A.shape
+    flat = A.flatten(2).transpose(1, 2)                      # (N, hw, C)
+    flat = flat - flat.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(flat, full_matrices=False)
+    proj = (flat @ vh[:, 0, :, None])[..., 0]                 # (N, hw)
+    sign = torch.sign((proj * A.flatten(2).mean(1)).sum(1, keepdim=True))
+    return (proj * torch.where(sign == 0, 1.0, sign)).view(n, h, w)
+
+
+@cam("scorecam", "Channels weighted by the class score when the image is masked by each upsampled "
+     "channel (gradient-free, one batched forward per channel).", "Wang et al. 2020", gradients=False)
+def scorecam(A, G, ctx):
+    n, c = A.shape[:2]
+    up = F.interpolate(A, size=ctx.x.shape[2:], mode="bilinear", align_corners=True)
+    lo = up.flatten(2).amin(2)[:, :, None, None]
+    hi = up.flatten(2).amax(2)[:, :, None, None]
+    masks = (up - lo) / (hi - lo + 1e-8)                      # (N, C, H, W)
+    scores = torch.empty(n, c, device=A.device)
+    for i in range(n):
+        for j in range(0, c, ctx.batch_size):
+            m = masks[i, j:j + ctx.batch_size, None]
+            scores[i, j:j + len(m)] = ctx.scores(ctx.x[i:i + 1] * m, ctx.targets[i].repeat(len(m)))
+            ctx.report((i * c + j + len(m)) / (n * c))
+    return _weighted(A, scores.softmax(1))
+
+
+@register("guided_gradcam", kind="pixel", signed=False, reduce="absmax", needs_layer=True,
+          summary="Guided backprop multiplied by the upsampled Grad-CAM (needs ReLU modules and a layer).",
+          reference="Selvaraju et al. 2017")
+def guided_gradcam(ctx: Context) -> torch.Tensor:
+    acts, grads, _ = ctx.capture(ctx.layer())
+    heat = F.relu(gradcam(acts, grads, ctx))[:, None]
+    heat = F.interpolate(heat, size=ctx.x.shape[2:], mode="bilinear", align_corners=False)
+    return _guided_backprop(ctx, ctx.x, ctx.targets) * heat

