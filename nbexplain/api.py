@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import methods as registry
+from .methods import REGISTRY, get as get_method
 from ._errors import closest
 from .attribution import Attribution, display_map, normalise, on_image
 from .context import Context
@@ -34,13 +34,13 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     Method parameters (``steps=``, ``samples=``, ``noise=``…) are listed by ``nbx.methods()``.
     Returns one Attribution for one image, a list for a list or an (N,C,H,W) tensor.
     """
-    spec = registry.get(method)
+    spec = get_method(method)
     info = describe(model, preprocess, labels)
     prepared = prepare(images, info.preprocess)
     chosen = spec.validate(params)
     if layer is not None and not spec.needs_layer:
         raise ValueError(f"layer: {method!r} does not use a layer; layer methods are "
-                         f"{', '.join(m.name for m in registry.REGISTRY.values() if m.needs_layer)}")
+                         f"{', '.join(m.name for m in REGISTRY.values() if m.needs_layer)}")
     run = compute(model, prepared.x, spec, chosen, target=target, layer=layer, info=info,
                   batch_size=batch_size, progress=progress)
     results = package(run, prepared, info, model)
@@ -169,7 +169,7 @@ def provenance(run: Run, info: ModelInfo, model: nn.Module) -> dict:
 
 def methods() -> list[dict]:
     """Every method with its parameter schema (name, type, default, range, help)."""
-    return [m.schema() for m in registry.REGISTRY.values()]
+    return [m.schema() for m in REGISTRY.values()]
 
 
 def layers(model: nn.Module, image: Any = None, *, all: bool = False,

@@ -29,12 +29,17 @@ class Context:
     keep_intermediates: bool = False     # keep per-point gradients in memo (the widget refines them later)
 
     # --- basic passes ------------------------------------------------------------------------------
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        """Every model pass goes through here, so callers can see how many samples were evaluated."""
+        self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
+        return self.model(xs)
+
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""
         out = []
         with torch.no_grad():
             for i in range(0, len(xs), self.batch_size):
-                logits = self.model(xs[i:i + self.batch_size])
+                logits = self.forward(xs[i:i + self.batch_size])
                 out.append(logits.gather(1, targets[i:i + self.batch_size, None])[:, 0])
         return torch.cat(out)
 
@@ -45,7 +50,7 @@ class Context:
         for i in range(0, len(xs), self.batch_size):
             xi = xs[i:i + self.batch_size].detach().requires_grad_(True)
             with torch.enable_grad(), hooks():
-                score = self.model(xi).gather(1, targets[i:i + self.batch_size, None])[:, 0]
+                score = self.forward(xi).gather(1, targets[i:i + self.batch_size, None])[:, 0]
                 (g,) = torch.autograd.grad(score.sum(), xi)
             grads.append(g)
             scores.append(score.detach())
@@ -68,11 +73,20 @@ class Context:
 
         Memoised per layer, so switching between CAM methods at a layer reruns nothing.
         """
-        key = ("capture", layer.name, gradients, input_grad)
-        if key not in self.memo:
-            self.memo[key] = self._capture([layer], gradients, input_grad)
-        acts, grads, gx = self.memo[key]
+        # a capture with gradients also serves a request without them
+        keys = [("capture", layer.name, g, input_grad) for g in dict.fromkeys((gradients, True))]
+        hit = next((k for k in keys if k in self.memo), None)
+        if hit is None:
+            hit = keys[0]
+            self.memo[hit] = self._capture([layer], gradients, input_grad)
+        acts, grads, gx = self.memo[hit]
         return acts[layer.name], (grads or {}).get(layer.name), gx
+
+    def capture_all(self, layers: list[Layer]) -> None:
+        """One forward/backward capturing every given layer, so later layer switches run no model pass."""
+        result = self._capture(layers, True, False)
+        for layer in layers:
+            self.memo[("capture", layer.name, True, False)] = result
 
     def _capture(self, layers: list[Layer], gradients: bool, input_grad: bool):
         modules = dict(self.model.named_modules())
@@ -90,7 +104,7 @@ class Context:
         x = self.x.detach().requires_grad_(gradients or input_grad)
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
                 forward_hooks((modules[layer.name], hook_for(layer.name)) for layer in layers):
-            logits = self.model(x)
+            logits = self.forward(x)
             missing = [layer.name for layer in layers if layer.name not in outputs]
             if missing:
                 raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
@@ -131,7 +145,7 @@ class Context:
         x = self.x.detach().requires_grad_(gradients)
         with unfused_attention(self.model), forward_hooks((m, hook) for m in mods), \
                 torch.enable_grad() if gradients else torch.no_grad():
-            logits = self.model(x)
+            logits = self.forward(x)
             if not maps:
                 raise ValueError("attention: no attention matrix was captured; the model has no timm-style "
                                  "'attn_drop' after its softmax. Attention methods need a timm Vision "

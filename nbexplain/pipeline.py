@@ -1,0 +1,198 @@
+"""A memoised pipeline graph: stages declared as data, each cached under its own params and upstream keys."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step. ``params(state)`` picks the part of the state it depends on; ``run`` computes it."""
+
+    name: str
+    inputs: tuple[str, ...]
+    params: Callable[[dict], tuple]
+    run: Callable[[dict, dict], Any]          # run(state, {input name: value}) -> value
+    doc: str = ""
+
+
+@dataclass
+class Record:
+    stage: str
+    ran: bool
+    ms: float
+
+    def as_dict(self) -> dict:
+        return {"name": self.stage, "ran": self.ran, "ms": round(self.ms, 2)}
+
+
+def nbytes(value: Any, _depth: int = 0) -> int:
+    """Approximate memory held by a cached value (tensors and arrays dominate)."""
+    if _depth > 6:
+        return 0
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(nbytes(k, _depth + 1) + nbytes(v, _depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v, _depth + 1) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return sum(nbytes(getattr(value, f.name), _depth + 1) for f in fields(value))
+    if hasattr(value, "tobytes") and hasattr(value, "size"):      # PIL images
+        return int(np.prod(getattr(value, "size", (0,)))) * 4
+    return 64
+
+
+class ByteLRU:
+    """A least-recently-used cache bounded in bytes. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.RLock()
+        self.bytes = 0
+
+    def __contains__(self, key) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def get(self, key, default=None):
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key][0]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self.discard(key)
+            size = nbytes(value)
+            self._items[key] = (value, size)
+            self.bytes += size
+            self._evict()
+
+    def remeasure(self, key) -> None:
+        """A cached value grew (a workspace of reusable partial results): recount and evict."""
+        with self._lock:
+            if key in self._items:
+                self.put(key, self._items[key][0])
+
+    def discard(self, key) -> None:
+        with self._lock:
+            if key in self._items:
+                self.bytes -= self._items.pop(key)[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, size) = self._items.popitem(last=False)
+            self.bytes -= size
+        if self.bytes > self.max_bytes and self._items:        # a single value bigger than the budget
+            self.clear()
+
+
+def digest(*parts: Any) -> str:
+    """A short content hash of arrays/tensors/bytes/strings, for cache keys."""
+    h = hashlib.blake2b(digest_size=12)
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().contiguous().numpy()
+        if isinstance(p, np.ndarray):
+            h.update(str((p.shape, p.dtype)).encode())
+            p = np.ascontiguousarray(p).tobytes()
+        h.update(p if isinstance(p, bytes) else repr(p).encode())
+    return h.hexdigest()
+
+
+class Graph:
+    """Evaluate a stage by pulling its inputs; anything whose key is cached is not recomputed."""
+
+    def __init__(self, stages: list[Stage], cache: ByteLRU) -> None:
+        self.stages = {s.name: s for s in stages}
+        self.cache = cache
+        for s in stages:
+            missing = [i for i in s.inputs if i not in self.stages]
+            if missing:
+                raise ValueError(f"stage {s.name!r} depends on unknown stage {missing[0]!r}")
+
+    def key(self, name: str, state: dict, _memo: dict | None = None) -> tuple:
+        memo = {} if _memo is None else _memo
+        if name not in memo:
+            s = self.stages[name]
+            memo[name] = (name, s.params(state), tuple(self.key(i, state, memo) for i in s.inputs))
+        return memo[name]
+
+    def evaluate(self, name: str, state: dict) -> tuple[Any, list[Record]]:
+        records: dict[str, Record] = {}
+        keys: dict = {}
+        value = self._pull(name, state, records, keys)
+        order = [n for n in self.order() if n in records or n in self._upstream(name)]
+        return value, [records.get(n, Record(n, False, 0.0)) for n in order]
+
+    def _pull(self, name: str, state: dict, records: dict, keys: dict) -> Any:
+        key = self.key(name, state, keys)
+        hit = self.cache.get(key, _MISSING)
+        if hit is not _MISSING:
+            records.setdefault(name, Record(name, False, 0.0))   # keep "ran" if it ran earlier in this pull
+            return hit
+        stage = self.stages[name]
+        upstream = {i: self._pull(i, state, records, keys) for i in stage.inputs}
+        t0 = time.perf_counter()
+        value = stage.run(state, upstream)
+        records[name] = Record(name, True, (time.perf_counter() - t0) * 1000)
+        self.cache.put(key, value)
+        return value
+
+    def _upstream(self, name: str) -> set[str]:
+        out = {name}
+        for i in self.stages[name].inputs:
+            out |= self._upstream(i)
+        return out
+
+    def order(self) -> list[str]:
+        """Stage names, upstream first."""
+        seen: list[str] = []
+
+        def visit(n):
+            for i in self.stages[n].inputs:
+                visit(i)
+            if n not in seen:
+                seen.append(n)
+        for n in self.stages:
+            visit(n)
+        return seen
+
+    def describe(self) -> str:
+        """The graph as text: each stage, what it depends on, and what it does."""
+        lines = []
+        for n in self.order():
+            s = self.stages[n]
+            arrow = f" <- {', '.join(s.inputs)}" if s.inputs else ""
+            lines.append(f"{n}{arrow}: {s.doc}")
+        return "\n".join(lines)
+
+    def dot(self) -> str:
+        """Graphviz source of the graph."""
+        edges = [f'  "{i}" -> "{n}";' for n in self.order() for i in self.stages[n].inputs]
+        return "digraph pipeline {\n  rankdir=LR;\n" + "\n".join(edges) + "\n}"
+
+
+_MISSING = object()

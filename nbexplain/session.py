@@ -1,0 +1,191 @@
+"""The explorer's pipeline: image -> preprocess -> forward -> workspace -> attribution -> display."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .methods import REGISTRY, get as get_method
+from .api import Run, compute, package
+from .attribution import Attribution
+from .context import Context
+from .hygiene import borrowed, model_device
+from .images import Prepared, prepare
+from .layers import candidates
+from .models import ModelInfo
+from .pipeline import ByteLRU, Graph, Record, Stage, digest
+
+DISPLAY_MAX_SIDE = 512
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+@dataclass
+class Item:
+    """One image the explorer can show."""
+
+    label: str
+    source: Any            # what prepare() accepts: PIL image or (C,H,W) tensor
+    hash: str
+
+
+@dataclass
+class Shown:
+    """What the display stage hands to the frontend: pixels and the map at display resolution."""
+
+    image: np.ndarray      # (h, w, 4) uint8
+    map: np.ndarray        # (h, w) float32, method-native units (not normalised)
+    result: Attribution
+
+
+def family(method: str) -> str:
+    """Methods of a family share one workspace: CAMs share a capture of every layer."""
+    return {"cam": "cam", "attention": "attention"}.get(get_method(method).kind, "pixel")
+
+
+def method_params(state: dict) -> tuple:
+    spec = get_method(state["method"])
+    return tuple((p.name, _hashable(state.get(p.name, p.default))) for p in spec.params)
+
+
+def layer_of(state: dict) -> str:
+    """The layer, only for methods that use one (so a layer change never reruns IG)."""
+    return (state.get("layer") or "") if get_method(state["method"]).needs_layer else ""
+
+
+def _hashable(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+class Session:
+    """Memoised computation for one model and a list of images; bounded cache, freed by close()."""
+
+    def __init__(self, model: torch.nn.Module, info: ModelInfo, items: list[Item],
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.model, self.info, self.items = model, info, items
+        self.cache = ByteLRU(cache_bytes)
+        self.graph = Graph(self._stages(), self.cache)
+        self.progress: Callable[[float], None] | None = None
+        self.lock = threading.Lock()          # one computation at a time on the model
+
+    # --- the graph ---------------------------------------------------------------------------------
+    def _stages(self) -> list[Stage]:
+        model_key = lambda s: (id(self.model), s.get("model_version", 0), self._fingerprint())  # noqa: E731
+        return [
+            Stage("image", (), lambda s: (self.items[s["image"]].hash,),
+                  lambda s, up: self.items[s["image"]], "the selected image (keyed by content hash)"),
+            Stage("preprocess", ("image",), model_key, self._preprocess,
+                  "resize/crop/normalise with the model's own config"),
+            Stage("forward", ("preprocess",), model_key, self._forward,
+                  "one forward pass: logits and top-k (switching target reuses it)"),
+            Stage("workspace", ("preprocess", "forward"),
+                  lambda s: (family(s["method"]), s["target"], model_key(s)), self._workspace,
+                  "method-family capture: every candidate layer for CAMs, attention maps for ViTs, "
+                  "reusable gradients (IG points, SmoothGrad sums) for pixel methods"),
+            Stage("attribution", ("preprocess", "forward", "workspace"),
+                  lambda s: (s["method"], layer_of(s), method_params(s)), self._attribute,
+                  "the method itself, reusing the workspace"),
+            Stage("display", ("attribution", "preprocess", "image"), lambda s: (), self._display,
+                  "map onto the image's pixels at display resolution"),
+        ]
+
+    def _fingerprint(self) -> str:
+        """Changes whenever any parameter is modified in place (training, randomisation)."""
+        return digest(tuple((p.data_ptr(), p._version) for p in self.model.state_dict().values()))
+
+    def _preprocess(self, state: dict, up: dict) -> Prepared:
+        return prepare(up["image"].source, self.info.preprocess)
+
+    def _forward(self, state: dict, up: dict) -> torch.Tensor:
+        x = up["preprocess"].x
+        with self.lock, borrowed(self.model), torch.no_grad():
+            return self.model(x.to(model_device(self.model))).detach().cpu()
+
+    def _target(self, state: dict, logits: torch.Tensor) -> int:
+        t = state.get("target", -1)
+        return int(logits.argmax(1)[0]) if t is None or t < 0 else int(t)
+
+    def _workspace(self, state: dict, up: dict) -> dict:
+        memo: dict = {}
+        fam = family(state["method"])
+        if fam == "pixel":
+            return memo                       # filled lazily by the methods (IG points, noise sums)
+        x = up["preprocess"].x.to(model_device(self.model))
+        target = torch.tensor([self._target(state, up["forward"])], device=x.device)
+        ctx = Context(self.model, x, target, self.info.preprocess, 1, memo, self.progress)
+        with self.lock, borrowed(self.model):
+            if fam == "cam":
+                ctx.capture_all(candidates(self.model, tuple(x.shape)))
+            else:
+                ctx.attention(gradients=True)
+                memo[("attention", False)] = (memo[("attention", True)][0], None)
+        return memo
+
+    def _attribute(self, state: dict, up: dict) -> Run:
+        spec = get_method(state["method"])
+        params = spec.validate({p.name: state[p.name] for p in spec.params if p.name in state})
+        with self.lock:
+            run = compute(self.model, up["preprocess"].x, spec, params,
+                          target=self._target(state, up["forward"]), layer=layer_of(state) or None,
+                          info=self.info, memo=up["workspace"], progress=self.progress,
+                          logits=up["forward"], keep_intermediates=True)
+        workspace_key = self.graph.key("workspace", state)
+        self.cache.remeasure(workspace_key)
+        return run
+
+    def _display(self, state: dict, up: dict) -> Shown:
+        run, prepared = up["attribution"], up["preprocess"]
+        (result,) = package(run, prepared, self.info, self.model)
+        image = result.image if result.image is not None else np.zeros((*result.map.shape, 3), np.uint8)
+        h, w = result.map.shape
+        scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgba = np.asarray(Image.fromarray(image).convert("RGBA").resize(size, Image.BILINEAR))
+        m = torch.from_numpy(result.map * result.scale)[None, None]
+        m = F.interpolate(m, size=(size[1], size[0]), mode="area" if scale < 1 else "bilinear")[0, 0]
+        return Shown(np.ascontiguousarray(rgba), m.numpy().astype(np.float32), result)
+
+    # --- API ---------------------------------------------------------------------------------------
+    def evaluate(self, state: dict, stage: str = "display") -> tuple[Any, list[Record]]:
+        return self.graph.evaluate(stage, state)
+
+    def predictions(self, state: dict, k: int = 5) -> list[dict]:
+        logits, _ = self.evaluate(state, "forward")
+        probs = logits.float().softmax(1)[0]
+        p, i = probs.topk(min(k, len(probs)))
+        labels = self.info.labels
+        return [{"index": int(j), "label": labels[j] if labels else str(int(j)), "prob": float(q)}
+                for q, j in zip(p, i)]
+
+    def layers(self, state: dict) -> list[dict]:
+        prepared, _ = self.evaluate(state, "preprocess")
+        with self.lock, borrowed(self.model):
+            return [layer.as_dict() for layer in candidates(self.model, tuple(prepared.x.shape))]
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+def make_items(images: Any, labels: Sequence[str] | None = None) -> list[Item]:
+    """The explorer's image list: PIL images (paths and arrays are opened) or preprocessed tensors."""
+    from .images import to_pil
+    if isinstance(images, torch.Tensor):
+        images = list(images) if images.ndim == 4 else [images]
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        raise ValueError("images: the list is empty")
+    items = []
+    for i, img in enumerate(images):
+        name = labels[i] if labels else (str(img) if isinstance(img, str) else f"image {i}")
+        if isinstance(img, torch.Tensor):
+            t = img.detach().float().cpu().clone()
+            items.append(Item(name, t, digest(t)))
+        else:
+            pil = to_pil(img)
+            items.append(Item(name, pil, digest(np.asarray(pil))))
+    return items

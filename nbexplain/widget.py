@@ -1,0 +1,344 @@
+"""The explorer widget: traits for every control, computed off the main thread through the Session."""
+from __future__ import annotations
+
+import pathlib
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import anywidget
+import ipywidgets
+import numpy as np
+import traitlets as t
+from PIL import Image
+
+from .methods import REGISTRY, get as get_method
+from .attribution import Attribution
+from .models import describe, load_model
+from .pipeline import Graph
+from .session import DEFAULT_CACHE_BYTES, Session, make_items
+
+_STATIC = pathlib.Path(__file__).parent / "static"
+MAX_COMPARE = 4
+# In the widget, IG defaults to a rule whose grids nest when steps double, so raising the steps
+# slider only computes the new points (Gauss-Legendre, the API default, never reuses any).
+WIDGET_DEFAULTS = {"rule": "riemann_right"}
+VIEW_TRAITS = ("opacity", "colormap", "sign", "clip", "zoom")
+
+
+class Superseded(Exception):
+    """A newer request arrived; the running one stops at its next progress report."""
+
+
+def _param_traits() -> dict[str, t.TraitType]:
+    """One synced trait per method parameter name, typed from the registry's schema."""
+    out: dict[str, t.TraitType] = {}
+    for spec in REGISTRY.values():
+        for p in spec.params:
+            if p.name in out:
+                continue
+            default = WIDGET_DEFAULTS.get(p.name, p.default)
+            if p.special:
+                trait = t.Union([t.Int(), t.Unicode()], default_value=default)
+            else:
+                trait = {"int": t.Int, "float": t.Float, "bool": t.Bool}.get(p.type, t.Unicode)(default)
+            out[p.name] = trait.tag(sync=True)
+    return out
+
+
+PARAMS = _param_traits()
+COMPUTE_TRAITS = ("image", "method", "layer", "target", "compare", "model_version", *PARAMS)
+
+
+def _array(a: np.ndarray, **extra: Any) -> dict:
+    a = np.ascontiguousarray(a)
+    return {"data": memoryview(a).cast("B"), "dtype": str(a.dtype), "shape": list(a.shape), **extra}
+
+
+class ExplorerView(anywidget.AnyWidget):
+    """The anywidget: image + heatmap canvas and the controls (frontend in js/)."""
+
+    _esm = _STATIC / "widget.js"
+    _css = _STATIC / "widget.css"
+
+    # what to explain
+    image = t.Int(0).tag(sync=True)
+    method = t.Unicode("gradcam").tag(sync=True)
+    layer = t.Unicode("").tag(sync=True)
+    target = t.Int(-1).tag(sync=True)
+    compare = t.List(t.Unicode()).tag(sync=True)
+    model_version = t.Int(0).tag(sync=True)
+    locals().update(PARAMS)          # one trait per method parameter, generated from the registry
+    # the view (browser only: no kernel work)
+    opacity = t.Float(0.5).tag(sync=True)
+    colormap = t.Unicode("auto").tag(sync=True)
+    sign = t.Unicode("auto").tag(sync=True)
+    clip = t.Float(99.0).tag(sync=True)
+    zoom = t.Int(1).tag(sync=True)
+    # status, read-only for users
+    status = t.Unicode("idle").tag(sync=True)
+    progress = t.Float(0.0).tag(sync=True)
+    error = t.Unicode("").tag(sync=True)
+    delta = t.Any(None, allow_none=True).tag(sync=True)
+    layer_used = t.Unicode("").tag(sync=True)
+    # data for the frontend
+    _schema = t.Dict().tag(sync=True)
+    _layers = t.List().tag(sync=True)
+    _images = t.List().tag(sync=True)
+    _image = t.Any(None, allow_none=True).tag(sync=True)
+    _map = t.Any(None, allow_none=True).tag(sync=True)
+    _compare_maps = t.List().tag(sync=True)
+    _predictions = t.List().tag(sync=True)
+    _stages = t.List().tag(sync=True)
+
+    def __init__(self, session: Session, **traits: Any) -> None:
+        unknown_traits = [k for k in traits if not self.has_trait(k) or k.startswith("_")]
+        if unknown_traits:
+            raise TypeError(f"explain: unexpected keyword {unknown_traits[0]!r}; controls are "
+                            f"{', '.join(sorted(set(COMPUTE_TRAITS) | set(VIEW_TRAITS)))}")
+        super().__init__()
+        self._session = session
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="nbexplain")
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._pending = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._shown_image: int | None = None
+        self.result: Attribution | None = None
+        self.stages: list[dict] = []
+        self.last_error: BaseException | None = None
+        self.on_error = None                      # set by Explorer to print errors in the cell
+        self._schema = {"methods": [_method_schema(m) for m in REGISTRY.values()]}
+        self._images = [{"label": it.label, "thumb": _array(_thumb(it))} for it in session.items]
+        with self.hold_trait_notifications():
+            for k, v in traits.items():
+                setattr(self, k, v)
+        self.observe(self._changed, names=list(COMPUTE_TRAITS))
+        self.observe(self._viewed, names=list(VIEW_TRAITS))
+        self._request()
+
+    # --- requests ----------------------------------------------------------------------------------
+    def _changed(self, change: dict) -> None:
+        self._request()
+
+    def _viewed(self, change: dict) -> None:
+        """View controls are drawn by the browser: the kernel runs no stage at all."""
+        self.stages = [{"name": n, "ran": False, "ms": 0.0} for n in self._session.graph.order()]
+
+    def _state(self) -> dict:
+        state = {name: getattr(self, name) for name in COMPUTE_TRAITS}
+        state["compare"] = list(self.compare)
+        return state
+
+    def _request(self) -> None:
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+            self._pending += 1
+            self._idle.clear()
+        self._executor.submit(self._work, generation, self._state())
+
+    def _current(self, generation: int) -> bool:
+        return generation == self._generation
+
+    def _work(self, generation: int, state: dict) -> None:
+        try:
+            if not self._current(generation):
+                return                              # superseded before it started
+            self._session.progress = lambda f: self._report(generation, f)
+            self.status, self.progress = "busy", 0.0
+            self._validate(state)
+            updates = self._compute(state)
+            if self._current(generation):
+                with self.hold_sync():
+                    for k, v in updates.items():
+                        setattr(self, k, v)
+                    self.status, self.error, self.progress = "idle", "", 1.0
+                self.last_error = None
+        except Superseded:
+            pass
+        except Exception as e:                      # shown in the widget and in the cell
+            if self._current(generation):
+                self.last_error = e
+                self.error = f"{type(e).__name__}: {e}"
+                self.status = "error"
+                if self.on_error:
+                    self.on_error(e)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._idle.set()
+
+    def _report(self, generation: int, fraction: float) -> None:
+        if not self._current(generation):
+            raise Superseded()
+        self.progress = float(fraction)
+
+    def _validate(self, state: dict) -> None:
+        if not 0 <= state["image"] < len(self._session.items):
+            raise ValueError(f"image={state['image']}: choose 0..{len(self._session.items) - 1}")
+        get_method(state["method"])
+        if len(state["compare"]) > MAX_COMPARE:
+            raise ValueError(f"compare: at most {MAX_COMPARE} methods side by side")
+        for m in state["compare"]:
+            get_method(m)
+
+    def _compute(self, state: dict) -> dict:
+        session = self._session
+        shown, records = session.evaluate(state)
+        updates: dict[str, Any] = {}
+        if self._shown_image != state["image"] or not self._layers:
+            updates["_predictions"] = session.predictions(state)
+            updates["_layers"] = session.layers(state)
+            updates["_image"] = _array(shown.image)
+        result = shown.result
+        updates["_map"] = _array(shown.map, signed=result.signed, method=result.method, target=result.target,
+                                 label=result.label or str(result.target))
+        updates["_image"] = _array(shown.image)
+        updates["delta"] = float(result.delta[0] if isinstance(result.delta, list) else result.delta) \
+            if result.delta is not None else None
+        updates["layer_used"] = result.meta.get("layer") or ""
+        updates["_compare_maps"] = self._compare_maps_for(state)
+        self._shown_image = state["image"]
+        self.result = result
+        self.stages = [dict(r.as_dict(), evaluations=result.meta.get("evaluations", 0))
+                       if r.stage == "attribution" and r.ran else r.as_dict() for r in records]
+        updates["_stages"] = self.stages
+        return updates
+
+    def _compare_maps_for(self, state: dict) -> list[dict]:
+        out = []
+        for m in state["compare"]:
+            other = dict(state, method=m, layer=state["layer"] if get_method(m).needs_layer else "")
+            shown, _ = self._session.evaluate(other)
+            out.append({"method": m, "map": _array(shown.map, signed=shown.result.signed)})
+        return out
+
+    # --- user API ----------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = 600) -> Attribution | None:
+        """Block until the latest request is done; raise its error if it failed."""
+        if not self._idle.wait(timeout):
+            raise TimeoutError(f"explorer still busy after {timeout} s")
+        if self.last_error is not None:
+            raise self.last_error
+        return self.result
+
+    @property
+    def pipeline(self) -> Graph:
+        return self._session.graph
+
+    @property
+    def cache(self):
+        return self._session.cache
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1                  # any running request stops at its next report
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
+        super().close()
+
+
+def _method_schema(spec) -> dict:
+    d = spec.schema()
+    d["label"] = spec.name.replace("_", " ")
+    for p in d["params"]:
+        p["default"] = WIDGET_DEFAULTS.get(p["name"], p["default"])
+        if p["special"]:
+            p["type"] = "int"                      # the slider edits the number; 'auto' is set from Python
+    return d
+
+
+def _thumb(item, side: int = 64) -> np.ndarray:
+    src = item.source
+    if not isinstance(src, Image.Image):             # a preprocessed tensor: show its values min-max scaled
+        arr = src.numpy()
+        arr = (arr - arr.min()) / max(1e-12, float(arr.max() - arr.min()))
+        src = Image.fromarray((np.transpose(arr[:3], (1, 2, 0)) * 255).astype(np.uint8))
+    thumb = src.convert("RGBA")
+    thumb.thumbnail((side, side))
+    return np.asarray(thumb)
+
+
+class Explorer(ipywidgets.VBox):
+    """What ``nbx.explain`` returns: the explorer view, a top-k probability chart (click a bar to
+    explain that class) and an error log in the cell. Every control is an attribute (``w.method``)."""
+
+    def __init__(self, view: ExplorerView) -> None:
+        self.view = view
+        self.chart = _probability_chart(view)
+        self.errors = ipywidgets.Output()
+        view.on_error = self._show_error
+        super().__init__([view, self.chart, self.errors])
+
+    def _show_error(self, e: BaseException) -> None:
+        with self.errors:
+            print("nbexplain:", "".join(traceback.format_exception_only(type(e), e)).strip())
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "view" and "view" in self.__dict__:
+            return getattr(self.__dict__["view"], name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        view = self.__dict__.get("view")
+        if view is not None and name != "view" and view.has_trait(name) and not self.has_trait(name):
+            setattr(view, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def close(self) -> None:
+        self.view.close()
+        self.chart.close()
+        self.errors.close()
+        super().close()
+
+
+def _probability_chart(view: ExplorerView):
+    """A bqplot bar chart of the top-k probabilities; clicking a bar sets the target class."""
+    import bqplot as bq
+    x, y = bq.OrdinalScale(), bq.LinearScale(min=0.0, max=1.0)
+    bars = bq.Bars(x=[], y=[], scales={"x": x, "y": y}, colors=["#5778a4"], interactions={"click": "select"},
+                   tooltip=bq.Tooltip(fields=["x", "y"], formats=["", ".3f"]))
+    fig = bq.Figure(marks=[bars], axes=[bq.Axis(scale=x, tick_rotate=-20), bq.Axis(scale=y, orientation="vertical",
+                                                                                    tick_format=".0%")],
+                    title="top-k probabilities (click a bar to explain that class)",
+                    layout=ipywidgets.Layout(width="560px", height="240px"),
+                    fig_margin={"top": 40, "bottom": 60, "left": 50, "right": 10})
+
+    def update(_change=None):
+        preds = view._predictions
+        with bars.hold_sync():
+            bars.x = [f"{p['label'].split(',')[0]} ({p['index']})" for p in preds]
+            bars.y = [p["prob"] for p in preds]
+
+    def clicked(_bars, event):
+        i = event["data"]["index"]
+        view.target = int(view._predictions[i]["index"])
+
+    view.observe(update, names="_predictions")
+    bars.on_element_click(clicked)
+    update()
+    return fig
+
+
+def explain(model: Any = None, images: Any = None, *, labels: Sequence[str] | None = None,
+            image_labels: Sequence[str] | None = None, preprocess=None,
+            cache_bytes: int = DEFAULT_CACHE_BYTES, **controls: Any) -> Explorer:
+    """Open the explorer on ``images`` (one or many) for ``model`` (a timm name, a module, or None
+    for the embedded default). Keyword arguments set controls: ``method='integrated_gradients'``…"""
+    from .samples import sample_image
+    if model is None or isinstance(model, str):
+        model = load_model(model, pretrained=isinstance(model, str) and not model.startswith("synthetic"))
+    info = describe(model, preprocess, labels)
+    if images is None:
+        images = [sample_image(n) for n in ("cat", "coffee", "astronaut", "rocket")]
+        image_labels = image_labels or ["cat", "coffee", "astronaut", "rocket"]
+    items = make_items(images, image_labels)
+    if info.preprocess is None and not all(hasattr(it.source, "ndim") for it in items):
+        raise ValueError("preprocess: this model carries no preprocessing config; pass "
+                         "preprocess=nbx.Preprocess(size=..., mean=..., std=...)")
+    return Explorer(ExplorerView(Session(model, info, items, cache_bytes), **controls))
