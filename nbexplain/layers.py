@@ -90,6 +90,15 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDic
 
 def discover(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
     """Every module with a spatial output, in execution order (one probe forward, memoised)."""
+    return _probe(model, input_shape)[0]
+
+
+def spatial_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Layer]:
+    """Every module with a spatial output by name, including those folded into a container's entry."""
+    return _probe(model, input_shape)[1]
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer], dict[str, Layer]]:
     key = tuple(input_shape[1:])
     per_model = _CACHE.setdefault(model, OrderedDict())
     if key in per_model:
@@ -108,6 +117,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
     with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names):
         model(x)
     layers: list[Layer] = []
+    by_name: dict[str, Layer] = {}
     for name, module, shape, same_as_previous in seen:
         layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None
         probe = torch.empty(shape, device="meta")
@@ -116,6 +126,7 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
             continue
         layer = Layer(name, "tokens" if len(shape) == 3 else "conv", tuple(spatial.shape[2:]),
                       int(spatial.shape[1]), len(layers), type(module).__name__)
+        by_name[name] = layer
         if same_as_previous and layers and layers[-1].name.startswith(name + "."):
             # a container that returns its last child's output: one entry, under the more telling name
             if name.split(".")[-1] not in _SEQUENCES:
@@ -123,10 +134,10 @@ def discover(model: nn.Module, input_shape: tuple[int, ...]) -> list[Layer]:
                                    layer.module_type)
         else:
             layers.append(layer)
-    per_model[key] = layers
+    per_model[key] = (layers, by_name)
     while len(per_model) > 4:                      # bounded: a few input sizes per model
         per_model.popitem(last=False)
-    return layers
+    return layers, by_name
 
 
 def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool = False) -> list[Layer]:
@@ -181,7 +192,7 @@ def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer |
         return default_layer(model, input_shape)
     if not isinstance(layer, str):
         raise TypeError(f"layer: expected a module name such as 'layer4', got {type(layer).__name__}")
-    by_name = {x.name: x for x in discover(model, input_shape)}
+    by_name = spatial_layers(model, input_shape)
     if layer in by_name:
         return by_name[layer]
     modules = dict(model.named_modules())

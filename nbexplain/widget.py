@@ -272,11 +272,16 @@ class Explorer(ipywidgets.VBox):
         self.chart = _probability_chart(view)
         self.errors = ipywidgets.Output()
         view.on_error = self._show_error
+        view.observe(self._clear_errors, names="status")
         super().__init__([view, self.chart, self.errors])
 
+    def _clear_errors(self, change: dict) -> None:
+        if change["new"] == "idle":
+            self.errors.outputs = ()
+
     def _show_error(self, e: BaseException) -> None:
-        with self.errors:
-            print("nbexplain:", "".join(traceback.format_exception_only(type(e), e)).strip())
+        # append_stdout works from the worker thread and outside a kernel, unlike `with output:`
+        self.errors.append_stdout("nbexplain: " + "".join(traceback.format_exception_only(type(e), e)))
 
     def __getattr__(self, name: str) -> Any:
         if name != "view" and "view" in self.__dict__:

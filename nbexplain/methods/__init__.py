@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from .._errors import unknown
 
 
@@ -21,8 +23,13 @@ class Param:
     step: float | None = None
     choices: tuple = ()
     special: tuple = ()                          # extra accepted values, e.g. "auto" for steps
+    tensor: bool = False                         # a tensor is also accepted (e.g. a custom IG baseline)
 
     def validate(self, method: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if self.tensor:
+                return value                     # shape is checked where it is used (make_baseline)
+            raise TypeError(f"{method}: {self.name}: a tensor is not accepted here")
         where = f"{method}: {self.name}={value!r}"
         if value in self.special and not isinstance(value, bool):
             return value

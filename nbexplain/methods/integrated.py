@@ -74,13 +74,24 @@ def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: 
     return total, seen
 
 
+def end_score(ctx: Context, point: torch.Tensor, key: tuple, store: dict | None) -> torch.Tensor:
+    """f at an end of the path, when the rule does not evaluate it (kept for the next refinement)."""
+    key = key + (tuple(ctx.targets.tolist()),)
+    if store is not None and key in store:
+        return store[key]
+    score = ctx.scores(point, ctx.targets)
+    if store is not None:
+        store[key] = score
+    return score
+
+
 @register("integrated_gradients", kind="pixel", signed=True,
           summary="Path integral of gradients from a baseline to the image; attributions sum to "
                   "f(x) − f(baseline) (completeness, reported as meta['delta']).",
           reference="Sundararajan et al. 2017",
           params=(Param("steps", "int", 50, "integration steps ('auto': refine nested grids until the "
                         "completeness delta is within `tolerance`)", 1, 4096, 1, special=("auto",)),
-                  Param("baseline", "choice", "black", HELP, choices=BASELINES),
+                  Param("baseline", "choice", "black", HELP, choices=BASELINES, tensor=True),
                   Param("rule", "choice", "gausslegendre", "quadrature rule (captum's names; trapezoid is "
                         "the textbook rule)", choices=RULES),
                   Param("tolerance", "float", 0.01, "steps='auto': stop when |delta| ≤ tolerance·"
@@ -99,8 +110,8 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
         # the path's end points are free when the rule evaluates them; otherwise one forward each
         f_b = seen.get(0.0, f_b) if f_b is None else f_b
         f_x = seen.get(1.0, f_x) if f_x is None else f_x
-        f_b = ctx.scores(b, ctx.targets) if f_b is None else f_b
-        f_x = ctx.scores(ctx.x, ctx.targets) if f_x is None else f_x
+        f_b = end_score(ctx, b, ("ig_end", bkey, 0.0), store) if f_b is None else f_b
+        f_x = end_score(ctx, ctx.x, ("ig_end", bkey, 1.0), store) if f_x is None else f_x
         gap = f_x - f_b
         delta = attr.flatten(1).sum(1) - gap
         relative = delta.abs() / gap.abs().clamp_min(1e-12)

@@ -1,0 +1,219 @@
+"""The explorer's pipeline: each control re-runs only the stages it touches."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import nbexplain as nbx
+from nbexplain.synthetic import make_batch
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return nbx.load_model("synthetic-cnn")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return nbx.load_model("synthetic-vit")
+
+
+@pytest.fixture
+def images():
+    return list(make_batch(3, seed=3)["images"])
+
+
+def ran(w) -> set[str]:
+    return {s["name"] for s in w.stages if s["ran"]}
+
+
+def stage(w, name) -> dict:
+    return next(s for s in w.stages if s["name"] == name)
+
+
+def change(w, **traits):
+    for k, v in traits.items():
+        setattr(w, k, v)
+    w.wait()
+    return ran(w)
+
+
+def test_first_update_runs_every_stage_and_shows_the_result(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    assert ran(w) == {"image", "preprocess", "forward", "workspace", "attribution", "display"}
+    assert w.result.method == "gradcam" and w.result.map.shape == (64, 64)
+    assert w.view._map["shape"] == [64, 64] and w.view._map["dtype"] == "float32"
+    assert len(bytes(w.view._map["data"])) == 64 * 64 * 4          # raw float32, not PNG/base64
+    assert np.allclose(np.frombuffer(bytes(w.view._map["data"]), np.float32).reshape(64, 64),
+                       w.result.map * w.result.scale, atol=1e-5)
+    assert len(w.view._predictions) == 4 and w.layer_used == "layer2"
+    w.close()
+
+
+@pytest.mark.parametrize("trait,value", [("opacity", 0.1), ("colormap", "viridis"), ("sign", "absolute"),
+                                         ("clip", 95.0), ("zoom", 3)])
+def test_view_controls_run_no_kernel_stage(cnn, images, trait, value):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    before = w.view._generation
+    assert change(w, **{trait: value}) == set()
+    assert w.view._generation == before                             # no request was even queued
+    w.close()
+
+
+def test_layer_switch_for_a_cam_runs_no_model_pass(cnn, images):
+    w = nbx.explain(cnn, images, method="gradcam")
+    w.wait()
+    for layer in ("layer1", "layer3", "layer4", "layer2"):
+        assert change(w, layer=layer) == {"attribution", "display"}
+        assert stage(w, "attribution")["evaluations"] == 0
+        assert w.layer_used == layer and w.result.raw.shape[1:] == {"layer1": (16, 16), "layer2": (8, 8),
+                                                                  "layer3": (4, 4), "layer4": (2, 2)}[layer]
+    # switching between CAM methods at a layer reuses the same capture too
+    assert change(w, method="layercam") == {"attribution", "display"}
+    assert stage(w, "attribution")["evaluations"] == 0
+    w.close()
+
+
+def test_cam_results_equal_the_direct_api(cnn, images):
+    w = nbx.explain(cnn, images, method="xgradcam", layer="layer3", target=2)
+    w.wait()
+    direct = nbx.attribute(cnn, images[0], "xgradcam", layer="layer3", target=2)
+    torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-5, atol=1e-6)
+    w.close()
+
+
+def test_target_switch_reuses_the_forward_pass(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    assert change(w, target=3) == {"workspace", "attribution", "display"}
+    assert not stage(w, "forward")["ran"] and w.result.target == 3
+
+
+def test_ig_steps_32_to_64_computes_only_the_new_points(cnn, images):
+    w = nbx.explain(cnn, images, method="integrated_gradients", steps=32)
+    w.wait()
+    assert w.rule == "riemann_right"
+    first = stage(w, "attribution")["evaluations"]
+    assert first == 32 + 1                                          # 32 points + f(baseline)
+    assert change(w, steps=64) == {"attribution", "display"}
+    assert stage(w, "attribution")["evaluations"] == 32           # only the 32 new points
+    direct = nbx.attribute(cnn, images[0], "integrated_gradients", steps=64, rule="riemann_right")
+    torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-4, atol=1e-6)
+    assert w.delta == pytest.approx(direct.delta, abs=1e-4)
+    assert change(w, steps=32) == set()                            # going back: the 32-step map is cached
+    w.close()
+
+
+def test_smoothgrad_more_samples_adds_only_the_new_ones(cnn, images):
+    w = nbx.explain(cnn, images, method="smoothgrad", samples=25, noise=0.15, seed=7)
+    w.wait()
+    assert stage(w, "attribution")["evaluations"] == 25
+    assert change(w, samples=50) == {"attribution", "display"}
+    assert stage(w, "attribution")["evaluations"] == 25
+    direct = nbx.attribute(cnn, images[0], "smoothgrad", samples=50, noise=0.15, seed=7)
+    torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-4, atol=1e-6)
+    change(w, noise=0.3)                                            # new noise level: a fresh set
+    assert stage(w, "attribution")["evaluations"] == 50
+    w.close()
+
+
+def test_layer_change_does_not_rerun_a_pixel_method(cnn, images):
+    w = nbx.explain(cnn, images, method="integrated_gradients", steps=8)
+    w.wait()
+    assert change(w, layer="layer1") == set()
+    w.close()
+
+
+def test_vit_attention_methods_share_one_capture(vit, images):
+    w = nbx.explain(vit, images, method="attention_rollout")
+    w.wait()
+    assert "workspace" in ran(w)
+    for k, v in [("discard_ratio", 0.5), ("fusion", "max"), ("method", "grad_rollout"), ("method", "attention")]:
+        assert change(w, **{k: v}) == {"attribution", "display"}
+        assert stage(w, "attribution")["evaluations"] == 0
+    assert w.result.raw.shape[1:] == (8, 8)
+    w.close()
+
+
+def test_compare_shows_up_to_four_methods(cnn, images):
+    w = nbx.explain(cnn, images, compare=["gradcam", "saliency", "occlusion"])
+    w.wait()
+    assert [c["method"] for c in w.view._compare_maps] == ["gradcam", "saliency", "occlusion"]
+    assert all(c["map"]["shape"] == [64, 64] for c in w.view._compare_maps)
+    w.compare = ["gradcam"] * 5
+    with pytest.raises(ValueError, match="at most 4"):
+        w.wait()
+    w.close()
+
+
+def test_errors_reach_the_widget_and_the_caller(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    w.layer = "layer9"
+    with pytest.raises(ValueError, match="layer"):
+        w.wait()
+    assert w.status == "error" and "layer9" in w.error and "Did you mean" in w.error
+    outputs = w.errors.outputs
+    assert any("layer9" in o.get("text", "") for o in outputs)
+    w.layer = "layer3"
+    w.wait()                                                        # recovers
+    assert w.status == "idle" and w.error == ""
+    w.close()
+
+
+def test_unknown_control_is_rejected(cnn, images):
+    with pytest.raises(TypeError, match="unexpected keyword 'stpes'"):
+        nbx.explain(cnn, images, stpes=3)
+
+
+def test_rapid_changes_end_in_the_state_of_the_last(cnn, images):
+    w = nbx.explain(cnn, images, method="gradcam")
+    w.wait()
+    layers = ["layer1", "layer2", "layer3"]
+    rng = random.Random(0)
+    for i in range(1000):
+        w.layer = layers[i % 3]
+        w.target = rng.randrange(4)
+    w.layer, w.target = "layer1", 2
+    w.wait()
+    assert w.result.target == 2 and w.result.meta["layer"] == "layer1"
+    assert w.view._map["target"] == 2
+    direct = nbx.attribute(cnn, images[0], "gradcam", layer="layer1", target=2)
+    torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-5, atol=1e-6)
+    w.close()
+
+
+def test_cache_stays_within_its_budget_on_a_random_walk(cnn, images):
+    budget = 3 * 2**20
+    w = nbx.explain(cnn, images, cache_bytes=budget)
+    rng = random.Random(1)
+    moves = [("method", ["gradcam", "layercam", "saliency", "smoothgrad", "integrated_gradients", "occlusion"]),
+             ("layer", ["layer1", "layer2", "layer3"]), ("target", [-1, 0, 1, 2, 3]), ("image", [0, 1, 2]),
+             ("samples", [2, 4, 6]), ("steps", [4, 8, 16]), ("noise", [0.1, 0.2])]
+    for _ in range(60):
+        name, values = rng.choice(moves)
+        setattr(w, name, rng.choice(values))
+        w.wait()
+        assert w.cache.bytes <= budget
+    w.close()
+    assert w.cache.bytes == 0 and len(w.cache) == 0
+
+
+def test_pipeline_graph_can_be_printed_and_drawn(cnn, images):
+    w = nbx.explain(cnn, images)
+    text = w.pipeline.describe()
+    assert text.index("preprocess") < text.index("forward") < text.index("attribution") < text.index("display")
+    assert '"forward" -> "workspace"' in w.pipeline.dot()
+    w.close()
+
+
+def test_model_version_bump_recomputes(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    assert change(w, model_version=1) >= {"preprocess", "forward", "workspace", "attribution"}
+    w.close()
