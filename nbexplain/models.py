@@ -164,26 +164,27 @@ def _load_timm(name: str, weights, pretrained: bool, **kwargs: Any) -> nn.Module
 
 
 def _load_timm_pretrained(name: str, **kwargs: Any) -> nn.Module:
-    """timm's own download when online; offline, only its local cache, and a fast, clear failure."""
+    """timm's own download when online; offline, only the local hub cache, else a fast, clear failure."""
     import timm
-    hint = (f"pretrained=True: no weights for {name!r} could be fetched (this machine looks offline and they "
-            f"are not in the local cache). Pass a local file instead: "
-            f"nbx.load_model({name!r}, weights='path/to/weights.safetensors') (safetensors or a torch state dict)")
-    online = _online()
-    saved = os.environ.get("HF_HUB_OFFLINE")
+    if not _online() and not _hub_cached(name):
+        raise RuntimeError(
+            f"pretrained=True: weights for {name!r} cannot be downloaded (this machine is offline) and are "
+            f"not in the local cache. Pass a local file instead: nbx.load_model({name!r}, "
+            "weights='path/to/weights.safetensors') (safetensors or a torch state dict)")
+    return timm.create_model(name, pretrained=True, **kwargs).eval()
+
+
+def _hub_cached(name: str) -> bool:
+    """Are this architecture's default pretrained weights already in the local hub cache?"""
+    import timm
     try:
-        if not online:
-            os.environ["HF_HUB_OFFLINE"] = "1"     # huggingface_hub then reads only its cache, no retries
-        return timm.create_model(name, pretrained=True, **kwargs).eval()
-    except Exception as e:
-        if online:
-            raise
-        raise RuntimeError(hint) from e
-    finally:
-        if saved is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved
+        from huggingface_hub import try_to_load_from_cache
+        cfg = timm.models.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None)
+        return bool(repo) and any(isinstance(try_to_load_from_cache(repo, f), str)
+                                  for f in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:
+        return False
 
 
 def _read_weights(path) -> dict:
