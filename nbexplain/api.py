@@ -143,7 +143,8 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> 
         image = original if original is not None else _pixels(prepared.x[i], info.preprocess)
         out.append(Attribution(m, raw, t, label,
                                [(int(j), info.labels[j] if info.labels else None, float(p))
-                                for p, j in zip(top_p[i], top_i[i])], meta, image, scale))
+                                for p, j in zip(top_p[i], top_i[i])], meta, image, scale,
+                               prepared.x[i:i + 1].detach().cpu()))
     return out
 
 

@@ -26,6 +26,7 @@ class Attribution:
     meta: dict
     image: np.ndarray | None = field(default=None, repr=False)   # the pixels the map lies over (uint8 HWC)
     scale: float = 1.0                                            # map = unscaled / scale
+    input: torch.Tensor | None = field(default=None, repr=False)  # the (1,C,H,W) model input, on CPU
 
     @property
     def method(self) -> str:
@@ -39,6 +40,16 @@ class Attribution:
     def delta(self) -> float | None:
         """Integrated Gradients' completeness delta: Σ attributions − (f(x) − f(baseline))."""
         return self.meta.get("delta")
+
+    def to_json(self) -> str:
+        """Provenance and input as JSON; ``nbx.replay(json, model)`` recomputes the same map."""
+        from .export import to_json
+        return to_json(self)
+
+    def save(self, path, **view) -> str:
+        """Write .png (overlay, provenance in text chunks), .npz, .json or .html (static report)."""
+        from .export import save
+        return save(self, path, **view)
 
     def __repr__(self) -> str:
         extra = f", delta={self.delta:.3g}" if self.delta is not None else ""

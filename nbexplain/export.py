@@ -1,0 +1,132 @@
+"""Provenance export and replay: PNG (text chunks), NPZ, JSON, self-contained HTML; nbx.replay()."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from .attribution import Attribution
+from .render import overlay
+
+FORMAT = "nbexplain/attribution@1"
+
+
+def _encode_png(rgb: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_itxt(k, v)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    return v
+
+
+def provenance(exp: Attribution) -> dict:
+    """Everything needed to recompute ``exp``: model identity, preprocessing, method, parameters, target."""
+    return _jsonable({"format": FORMAT, **exp.meta, "probs": exp.probs})
+
+
+def to_json(exp: Attribution, include_input: bool = True) -> str:
+    """Provenance plus the input (original pixels as PNG) so that nbx.replay can recompute the map."""
+    doc = provenance(exp)
+    doc["map_shape"] = list(exp.map.shape)
+    if include_input:
+        if exp.meta.get("crop_box") is not None and exp.image is not None:
+            doc["input"] = {"kind": "image/png", "data": base64.b64encode(_encode_png(exp.image)).decode()}
+        elif exp.input is not None:
+            buf = io.BytesIO()
+            np.save(buf, exp.input.numpy())
+            doc["input"] = {"kind": "tensor/npy", "data": base64.b64encode(buf.getvalue()).decode()}
+    return json.dumps(doc)
+
+
+def save(exp: Attribution, path: str | os.PathLike, **view: Any) -> str:
+    """Write ``exp`` by extension: .png overlay (+ provenance text chunk), .npz, .json, .html report."""
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        with open(path, "w") as f:
+            f.write(to_json(exp))
+    elif ext == ".npz":
+        np.savez_compressed(path, map=exp.map, raw=exp.raw.numpy(), provenance=json.dumps(provenance(exp)))
+    elif ext == ".png":
+        with open(path, "wb") as f:
+            f.write(_encode_png(_overlay(exp, **view), {"nbexplain": json.dumps(provenance(exp))}))
+    elif ext in (".html", ".htm"):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(report_html(exp, **view))
+    else:
+        raise ValueError(f"save: unknown file type {ext!r}; use .png, .npz, .json or .html")
+    return path
+
+
+def _overlay(exp: Attribution, **view: Any) -> np.ndarray:
+    image = exp.image if exp.image is not None else np.zeros((*exp.map.shape, 3), np.uint8)
+    return overlay(image, exp.map, signed_method=exp.signed, **view)
+
+
+def report_html(exp: Attribution, **view: Any) -> str:
+    """A static, offline, self-contained page: overlay, original, and the provenance table (all escaped)."""
+    e = lambda v: html.escape(str(v), quote=True)  # noqa: E731
+    png = base64.b64encode(_encode_png(_overlay(exp, **view))).decode()
+    orig = base64.b64encode(_encode_png(exp.image)).decode() if exp.image is not None else ""
+    meta = provenance(exp)
+    rows = "".join(f"<tr><th>{e(k)}</th><td><code>{e(json.dumps(v) if not isinstance(v, str) else v)}</code>"
+                   f"</td></tr>" for k, v in meta.items())
+    probs = "".join(f"<li>{e(label)} ({e(i)}): {p:.3f}</li>" for i, label, p in exp.probs)
+    title = f"{exp.method} for {exp.label or exp.target}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>nbexplain: {e(title)}</title>
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<style>body{{font:14px system-ui,sans-serif;margin:2em;color:#222}}img{{max-width:45%;margin-right:1em;
+image-rendering:auto}}table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px;
+text-align:left;vertical-align:top}}code{{white-space:pre-wrap;word-break:break-all}}</style></head>
+<body><h1>{e(title)}</h1>
+<p><img alt="attribution overlay" src="data:image/png;base64,{png}">
+{f'<img alt="input image" src="data:image/png;base64,{orig}">' if orig else ''}</p>
+<h2>Top predictions</h2><ul>{probs}</ul>
+<h2>Provenance</h2><table>{rows}</table></body></html>"""
+
+
+def replay(doc: str | dict, model: torch.nn.Module, image: Any = None) -> Attribution:
+    """Recompute an exported attribution from its JSON (and the model); raises if the weights differ."""
+    from .api import attribute
+    from .models import weights_digest
+    d = json.loads(doc) if isinstance(doc, str) else doc
+    if d.get("format") != FORMAT:
+        raise ValueError(f"replay: not an nbexplain export (format {d.get('format')!r}, expected {FORMAT!r})")
+    if weights_digest(model) != d["weights_sha256"]:
+        raise ValueError("replay: the model's weights differ from the exported ones (sha256 mismatch); "
+                         "pass the model the attribution was computed with")
+    if image is None:
+        if "input" not in d:
+            raise ValueError("replay: the export carries no input; pass image=...")
+        raw = base64.b64decode(d["input"]["data"])
+        image = torch.from_numpy(np.load(io.BytesIO(raw))) if d["input"]["kind"] == "tensor/npy" else \
+            Image.open(io.BytesIO(raw)).convert("RGB")
+    from .images import Preprocess
+    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["preprocess"].items()}) \
+        if d.get("preprocess") else None
+    params = dict(d["params"])
+    layer = d.get("layer") if d.get("layer") and not str(d.get("layer")).startswith("block ") else None
+    result = attribute(model, image, d["method"], target=d["target"], preprocess=pre,
+                       **({"layer": layer} if layer else {}), **params)
+    return result[0] if isinstance(result, list) else result

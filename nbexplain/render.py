@@ -1,0 +1,52 @@
+"""Overlay rendering for exports, drawing exactly what the widget draws (same LUTs, sign and clip rules)."""
+from __future__ import annotations
+
+import json
+import pathlib
+from functools import lru_cache
+
+import numpy as np
+
+SIGNS = ("positive", "negative", "absolute", "signed")
+_LUTS = pathlib.Path(__file__).parent / "static" / "colormaps.json"
+
+
+@lru_cache(maxsize=None)
+def lut(name: str) -> np.ndarray:
+    """(256, 3) uint8 LUT, written from js/colormaps.js by the frontend build."""
+    if not _LUTS.exists():
+        raise FileNotFoundError(f"{_LUTS} is missing: run `npm run build` (make test does)")
+    tables = json.loads(_LUTS.read_text())
+    if name not in tables:
+        raise ValueError(f"colormap: unknown {name!r}; use one of {', '.join(tables)}")
+    return np.frombuffer(bytes.fromhex(tables[name]), np.uint8).reshape(256, 3)
+
+
+def resolve(sign: str, colormap: str, signed_method: bool) -> tuple[str, str]:
+    sign = ("signed" if signed_method else "positive") if sign == "auto" else sign
+    if sign not in SIGNS:
+        raise ValueError(f"sign: unknown {sign!r}; use auto or one of {', '.join(SIGNS)}")
+    colormap = ("blue_orange" if sign == "signed" else "cividis") if colormap == "auto" else colormap
+    return sign, colormap
+
+
+def prepare(values: np.ndarray, sign: str, clip: float) -> np.ndarray:
+    """Map values to [0, 1] for the LUT: the chosen sign, saturating at the clip percentile of |value|."""
+    v = np.nan_to_num(values.astype(np.float64))
+    shown = {"positive": np.maximum(v, 0), "negative": np.maximum(-v, 0), "absolute": np.abs(v)}.get(sign, v)
+    scale = float(np.percentile(np.abs(shown), clip)) if shown.size else 0.0
+    if scale <= 0:
+        return np.full(v.shape, 0.5 if sign == "signed" else 0.0)
+    if sign == "signed":
+        return 0.5 + 0.5 * np.clip(shown / scale, -1, 1)
+    return np.clip(shown / scale, 0, 1)
+
+
+def overlay(image: np.ndarray, values: np.ndarray, *, opacity: float = 0.5, colormap: str = "auto",
+            sign: str = "auto", clip: float = 99.0, signed_method: bool = True) -> np.ndarray:
+    """(H,W,3) uint8 image + (H,W) map -> blended (H,W,3) uint8."""
+    sign, colormap = resolve(sign, colormap, signed_method)
+    t = prepare(values, sign, clip)
+    colours = lut(colormap)[np.clip((t * 255).round().astype(int), 0, 255)].astype(np.float64)
+    out = (1 - opacity) * image[..., :3].astype(np.float64) + opacity * colours
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
