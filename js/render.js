@@ -73,6 +73,8 @@ export function percentile(values, p) {
  *
  * The sign picks what is shown: "positive" max(v, 0), "negative" max(-v, 0), "absolute" |v|,
  * "signed" v (0 lands at 0.5, the neutral centre of a diverging map, symmetric around 0).
+ * NaN means "no attribution at this pixel" (e.g. outside the model's centre crop): it stays NaN, and
+ * blend()/colorize() leave such pixels uncoloured.
  * The scale is the `clip` percentile of the shown magnitudes over all finite pixels (100 = the
  * maximum, 99 = the top 1 % saturate). Non-finite values map to the neutral position (0, or 0.5
  * when signed), and a map with nothing to show (all zero) yields neutral values, never NaN.
@@ -111,7 +113,8 @@ export function prepareMap(values, { sign = "positive", clip = 100 } = {}) {
   const inv = scale > 0 ? 1 / scale : 0;
   for (let i = 0; i < n; i++) {
     const t = out[i];
-    if (Number.isNaN(t) || scale === 0) {
+    if (Number.isNaN(t)) continue; // NaN = no attribution here (outside the model's crop): stays NaN
+    if (scale === 0) {
       out[i] = neutral;
       continue;
     }
@@ -149,9 +152,10 @@ export function blend(imageRGBA, mapNorm, table, opacity, { alphaByMagnitude = f
   const op = Math.min(1, Math.max(0, Number(opacity) || 0));
   for (let i = 0; i < n; i++) {
     let m = mapNorm[i];
-    if (!(m >= 0)) m = signed ? 0.5 : 0; // NaN-safe
+    const none = Number.isNaN(m); // no attribution at this pixel: the image shows through untouched
+    if (none || m < 0) m = signed ? 0.5 : 0;
     else if (m > 1) m = 1;
-    const a = alphaByMagnitude ? op * (signed ? Math.abs(2 * m - 1) : m) : op;
+    const a = none ? 0 : alphaByMagnitude ? op * (signed ? Math.abs(2 * m - 1) : m) : op;
     const li = 3 * Math.round(m * 255);
     const p = 4 * i;
     const b = 1 - a;
@@ -173,7 +177,7 @@ export function colorize(mapNorm, table, { out } = {}) {
     dst[4 * i] = table[li];
     dst[4 * i + 1] = table[li + 1];
     dst[4 * i + 2] = table[li + 2];
-    dst[4 * i + 3] = 255;
+    dst[4 * i + 3] = Number.isNaN(mapNorm[i]) ? 0 : 255; // no attribution: transparent
   }
   return dst;
 }

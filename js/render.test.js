@@ -100,14 +100,23 @@ describe("prepareMap", () => {
     expect(prepareMap(new Float32Array([1, 3])).vmax).toBe(3);
   });
 
-  it("is NaN-safe", () => {
+  it("keeps NaN (no attribution) as NaN and ignores it for the scale", () => {
     const r = prepareMap(new Float32Array([NaN, 2, -1]), { sign: "positive", clip: 100 });
-    close(r.values, [0, 1, 0]);
+    expect(Number.isNaN(r.values[0])).toBe(true);
+    close(r.values.slice(1), [1, 0]);
     const s = prepareMap(new Float32Array([NaN, 2, -1]), { sign: "signed", clip: 100 });
-    close(s.values, [0.5, 1, 0.25]);
+    close(s.values.slice(1), [1, 0.25]);
     const allNaN = prepareMap(new Float32Array([NaN, NaN]), { sign: "absolute" });
-    close(allNaN.values, [0, 0]);
+    expect(Array.from(allNaN.values).every(Number.isNaN)).toBe(true);
     expect([allNaN.vmin, allNaN.vmax]).toEqual([0, 0]);
+  });
+
+  it("leaves pixels without attribution uncoloured when blending", () => {
+    const image = new Uint8ClampedArray([10, 20, 30, 255, 10, 20, 30, 255]);
+    const out = blend(image, new Float32Array([NaN, 1]), lut("gray"), 1);
+    expect(Array.from(out.slice(0, 4))).toEqual([10, 20, 30, 255]);
+    expect(Array.from(out.slice(4, 8))).toEqual([255, 255, 255, 255]);
+    expect(colorize(new Float32Array([NaN]), lut("gray"))[3]).toBe(0);
   });
 
   it("all-zero map gives neutral values and no NaN", () => {
@@ -160,10 +169,10 @@ describe("blend", () => {
     expect(arr(blend(one, new Float32Array([0.5]), lut("blue_orange"), 1, { alphaByMagnitude: true, signed: true }))).toEqual([10, 20, 30, 255]);
   });
 
-  it("composites alpha over transparent pixels, writes into `out`, NaN-safe", () => {
+  it("composites alpha over transparent pixels and writes into `out`", () => {
     const clear = new Uint8ClampedArray([0, 0, 0, 0]);
     const out = new Uint8ClampedArray(4);
-    const r = blend(clear, new Float32Array([NaN]), gray, 0.5, { out });
+    const r = blend(clear, new Float32Array([0]), gray, 0.5, { out });
     expect(r).toBe(out);
     expect(arr(out)).toEqual([0, 0, 0, 128]);
   });

@@ -41,6 +41,13 @@ class Attribution:
         """Integrated Gradients' completeness delta: Σ attributions − (f(x) − f(baseline))."""
         return self.meta.get("delta")
 
+    def shown(self) -> np.ndarray:
+        """The map in method-native units with NaN where there is no attribution (outside the model's
+        crop of the original image), as the widget and the exports draw it."""
+        from .images import crop_mask
+        box = self.meta.get("crop_box")
+        return np.where(crop_mask(tuple(box) if box else None, self.map.shape), self.map * self.scale, np.nan)
+
     def to_json(self) -> str:
         """Provenance and input as JSON; ``nbx.replay(json, model)`` recomputes the same map."""
         from .export import to_json

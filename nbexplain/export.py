@@ -80,7 +80,7 @@ def save(exp: Attribution, path: str | os.PathLike, **view: Any) -> str:
 
 def _overlay(exp: Attribution, **view: Any) -> np.ndarray:
     image = exp.image if exp.image is not None else np.zeros((*exp.map.shape, 3), np.uint8)
-    return overlay(image, exp.map, signed_method=exp.signed, **view)
+    return overlay(image, exp.shown(), signed_method=exp.signed, **view)
 
 
 def report_html(exp: Attribution, **view: Any) -> str:

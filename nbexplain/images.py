@@ -218,3 +218,14 @@ def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | Non
     x1, y1 = min(w, x0 + bw), min(h, y0 + bh)
     out[max(0, y0):y1, max(0, x0):x1] = resized[sy0:sy0 + y1 - max(0, y0), sx0:sx0 + x1 - max(0, x0)]
     return out
+
+
+def crop_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, int]) -> np.ndarray:
+    """True where the original image was inside the model's crop (where a map has values)."""
+    h, w = shape
+    if box is None:
+        return np.ones((h, w), bool)
+    left, top, right, bottom = box
+    mask = np.zeros((h, w), bool)
+    mask[max(0, round(top)):max(0, round(bottom)), max(0, round(left)):max(0, round(right))] = True
+    return mask

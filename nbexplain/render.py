@@ -32,11 +32,12 @@ def resolve(sign: str, colormap: str, signed_method: bool) -> tuple[str, str]:
 
 def prepare(values: np.ndarray, sign: str, clip: float) -> np.ndarray:
     """Map values to [0, 1] for the LUT: the chosen sign, saturating at the clip percentile of |value|."""
-    v = np.nan_to_num(values.astype(np.float64))
+    v = values.astype(np.float64)                     # NaN = no attribution there; it stays NaN
     shown = {"positive": np.maximum(v, 0), "negative": np.maximum(-v, 0), "absolute": np.abs(v)}.get(sign, v)
-    scale = float(np.percentile(np.abs(shown), clip)) if shown.size else 0.0
+    finite = np.abs(shown[np.isfinite(shown)])
+    scale = float(np.percentile(finite, clip)) if finite.size else 0.0
     if scale <= 0:
-        return np.full(v.shape, 0.5 if sign == "signed" else 0.0)
+        return np.where(np.isnan(v), np.nan, 0.5 if sign == "signed" else 0.0)
     if sign == "signed":
         return 0.5 + 0.5 * np.clip(shown / scale, -1, 1)
     return np.clip(shown / scale, 0, 1)
@@ -47,6 +48,8 @@ def overlay(image: np.ndarray, values: np.ndarray, *, opacity: float = 0.5, colo
     """(H,W,3) uint8 image + (H,W) map -> blended (H,W,3) uint8."""
     sign, colormap = resolve(sign, colormap, signed_method)
     t = prepare(values, sign, clip)
-    colours = lut(colormap)[np.clip((t * 255).round().astype(int), 0, 255)].astype(np.float64)
-    out = (1 - opacity) * image[..., :3].astype(np.float64) + opacity * colours
+    none = np.isnan(t)                                  # pixels without attribution are left as they are
+    colours = lut(colormap)[np.clip((np.nan_to_num(t) * 255).round().astype(int), 0, 255)].astype(np.float64)
+    alpha = np.where(none, 0.0, opacity)[..., None]
+    out = (1 - alpha) * image[..., :3].astype(np.float64) + alpha * colours
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -145,9 +145,13 @@ class Session:
         scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         rgba = np.asarray(Image.fromarray(image).convert("RGBA").resize(size, Image.BILINEAR))
-        m = torch.from_numpy(result.map * result.scale)[None, None]
-        m = F.interpolate(m, size=(size[1], size[0]), mode="area" if scale < 1 else "bilinear")[0, 0]
-        return Shown(np.ascontiguousarray(rgba), m.numpy().astype(np.float32), result)
+        shown = result.shown()                           # NaN outside the model's crop: drawn uncoloured
+        m = torch.from_numpy(np.nan_to_num(shown).astype(np.float32))[None, None]
+        inside = torch.from_numpy(np.isfinite(shown).astype(np.float32))[None, None]
+        mode = "area" if scale < 1 else "bilinear"
+        m = F.interpolate(m, size=(size[1], size[0]), mode=mode)[0, 0].numpy()
+        inside = F.interpolate(inside, size=(size[1], size[0]), mode=mode)[0, 0].numpy()
+        return Shown(np.ascontiguousarray(rgba), np.where(inside > 0.5, m, np.nan).astype(np.float32), result)
 
     # --- API ---------------------------------------------------------------------------------------
     def evaluate(self, state: dict, stage: str = "display") -> tuple[Any, list[Record]]:

@@ -217,3 +217,15 @@ def test_model_version_bump_recomputes(cnn, images):
     w.wait()
     assert change(w, model_version=1) >= {"preprocess", "forward", "workspace", "attribution"}
     w.close()
+
+
+def test_pixels_outside_the_models_crop_carry_no_attribution(cnn):
+    wide = np.concatenate([make_batch(1, seed=4)["images"][0]] * 2, axis=1)[:, :96]   # 64 x 96
+    w = nbx.explain(cnn, [wide])
+    w.wait()
+    shown = np.frombuffer(bytes(w.view._map["data"]), np.float32).reshape(w.view._map["shape"])
+    assert shown.shape == (64, 96)
+    assert np.isnan(shown[:, :8]).all() and np.isnan(shown[:, -8:]).all()      # centre crop keeps x 16..80
+    assert np.isfinite(shown[:, 20:76]).all()
+    assert w.result.meta["crop_box"] == [16.0, 0.0, 80.0, 64.0]
+    w.close()

@@ -1,0 +1,48 @@
+"""The GPU path: every method runs on the model's CUDA device and agrees with the CPU result.
+
+Runs only where CUDA is available (the project's device runs); CPU-only machines skip it.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import nbexplain as nbx
+from nbexplain.hygiene import hook_count
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+PARAMS = {"integrated_gradients": {"steps": 16}, "smoothgrad": {"samples": 8}, "smoothgrad_sq": {"samples": 8},
+          "vargrad": {"samples": 8}, "occlusion": {"patch": 32, "stride": 16}}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "deit_tiny_patch16_224"])
+def test_every_method_on_cuda_matches_cpu(arch):
+    torch.manual_seed(0)
+    cpu = timm.create_model(arch, pretrained=False).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(2, 3, 224, 224)
+    vit = "deit" in arch
+    for spec in nbx.methods():
+        name = spec["name"]
+        if spec["vit_only"] and not vit:
+            continue
+        if name == "scorecam" and vit:
+            continue                                                # 192 channels x 2 images: slow, same code
+        a = nbx.attribute(cpu, x, name, target=[1, 2], **PARAMS.get(name, {}))
+        b = nbx.attribute(gpu, x, name, target=[1, 2], **PARAMS.get(name, {}))
+        assert b[0].meta["device"].startswith("cuda")
+        for ea, eb in zip(a, b):
+            scale = ea.raw.abs().max().clamp_min(1e-6)
+            err = float((ea.raw - eb.raw).abs().max() / scale)
+            assert err < 2e-2, (name, err)                          # TF32/cuDNN vs CPU kernels
+    assert hook_count(gpu) == 0 and not gpu.training and all(p.grad is None for p in gpu.parameters())
+
+
+def test_auto_batch_size_uses_the_gpu_memory():
+    from nbexplain.api import auto_batch_size
+    x = torch.zeros(1, 3, 224, 224, device="cuda")
+    assert auto_batch_size(x, x.device) >= 8
