@@ -73,7 +73,7 @@ function putPixels(canvas, rgba, width, height) {
   ctx.putImageData(img, 0, 0);
 }
 
-export function render({ model, el }) {
+function render({ model, el }) {
   const ids = nextId("nbx");
   const dom = new AbortController(); // removes every DOM listener at cleanup
   const onDom = (target, ev, fn, opts = {}) => target.addEventListener(ev, fn, { ...opts, signal: dom.signal });

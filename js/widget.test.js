@@ -1,6 +1,9 @@
 // @vitest-environment jsdom
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import widget, { render } from "./widget.js";
+import widget from "./widget.js";
+
+// anywidget warns about a named `render` export (deprecated): the module only exports the default object
+const { render } = widget;
 
 // ---------------------------------------------------------------- mocks
 

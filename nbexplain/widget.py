@@ -303,22 +303,39 @@ class Explorer(ipywidgets.VBox):
 
 
 def _probability_chart(view: ExplorerView):
-    """A bqplot bar chart of the top-k probabilities; clicking a bar sets the target class."""
+    """A bqplot bar chart of the top-k probabilities; clicking a bar sets the target class.
+
+    Horizontal bars, so class names stay readable on the left (rotated labels under vertical bars
+    overlapped each other and the axis). Each row also has an invisible full-width bar under the
+    visible one: a class at 1 % is a bar a few pixels long, which nobody can hit with the mouse.
+    """
     import bqplot as bq
-    x, y = bq.OrdinalScale(), bq.LinearScale(min=0.0, max=1.0)
-    bars = bq.Bars(x=[], y=[], scales={"x": x, "y": y}, colors=["#5778a4"], interactions={"click": "select"},
-                   tooltip=bq.Tooltip(fields=["x", "y"], formats=["", ".3f"]))
-    fig = bq.Figure(marks=[bars], axes=[bq.Axis(scale=x, tick_rotate=-20), bq.Axis(scale=y, orientation="vertical",
-                                                                                    tick_format=".0%")],
+    x, y = bq.OrdinalScale(reverse=True), bq.LinearScale(min=0.0, max=1.0)   # the most likely class on top
+    hit = bq.Bars(x=[], y=[], scales={"x": x, "y": y}, orientation="horizontal", colors=["#000000"],
+                  opacities=[0.0])
+    bars = bq.Bars(x=[], y=[], scales={"x": x, "y": y}, orientation="horizontal", colors=["#5778a4"],
+                   tooltip=bq.Tooltip(fields=["x", "y"], formats=["", ".3f"], labels=["class", "probability"]))
+    fig = bq.Figure(marks=[hit, bars],
+                    axes=[bq.Axis(scale=x, orientation="vertical", grid_lines="none"),
+                          bq.Axis(scale=y, tick_format=".0%", num_ticks=5)],
                     title="top-k probabilities (click a bar to explain that class)",
-                    layout=ipywidgets.Layout(width="560px", height="240px"),
-                    fig_margin={"top": 40, "bottom": 60, "left": 50, "right": 10})
+                    title_style={"font-size": "13px"},
+                    layout=ipywidgets.Layout(width="560px", height="220px"),
+                    fig_margin={"top": 36, "bottom": 30, "left": 190, "right": 20})
+
+    def name(p: dict) -> str:
+        # the probability goes into the row label: a value label at the end of a 97 % bar is clipped
+        label = p["label"].split(",")[0]
+        label = label if len(label) <= 20 else label[:19] + "…"
+        prob = p["prob"]
+        return f"{label} ({p['index']}) · {prob:.0%}" if prob >= 0.1 else f"{label} ({p['index']}) · {prob:.1%}"
 
     def update(_change=None):
         preds = view._predictions
-        with bars.hold_sync():
-            bars.x = [f"{p['label'].split(',')[0]} ({p['index']})" for p in preds]
-            bars.y = [p["prob"] for p in preds]
+        names = [name(p) for p in preds]
+        with hit.hold_sync(), bars.hold_sync():
+            hit.x, hit.y, hit.opacities = names, [1.0] * len(preds), [0.0] * len(preds)
+            bars.x, bars.y = names, [p["prob"] for p in preds]
 
     def clicked(_bars, event):
         i = event["data"]["index"]
@@ -326,6 +343,7 @@ def _probability_chart(view: ExplorerView):
 
     view.observe(update, names="_predictions")
     bars.on_element_click(clicked)
+    hit.on_element_click(clicked)
     update()
     return fig
 
