@@ -102,7 +102,11 @@ export function buildControl(param, value, { onChange = () => {}, live = false, 
   };
 
   const numeric = type === "int" || type === "float";
-  const hasRange = numeric && Number.isFinite(Number(param.min)) && Number.isFinite(Number(param.max)) && param.min !== null && param.max !== null;
+  // A slider is only usable when a pixel step means something: a seed (0..2^31) gets a number box.
+  const SLIDER_MAX_POSITIONS = 2000;
+  const span = (Number(param.max) - Number(param.min)) / Number(param.step || (type === "int" ? 1 : 0.01));
+  const hasRange = numeric && Number.isFinite(Number(param.min)) && Number.isFinite(Number(param.max)) &&
+    param.min !== null && param.max !== null && span <= SLIDER_MAX_POSITIONS;
 
   if (numeric) {
     input = doc.createElement("input");

@@ -120,3 +120,13 @@ describe("buildControls", () => {
     expect(() => buildControl({ type: "int" })).toThrow(/needs a name/);
   });
 });
+
+describe("huge integer ranges", () => {
+  it("use a number box, not a slider nobody can aim", async () => {
+    const { buildControl } = await import("./controls.js");
+    const c = buildControl({ name: "seed", type: "int", default: 0, min: 0, max: 2 ** 31 - 1, step: 1, help: "" }, 0, () => {});
+    expect(c.el.querySelector("input").type).toBe("number");
+    const s = buildControl({ name: "samples", type: "int", default: 25, min: 1, max: 500, step: 1, help: "" }, 25, () => {});
+    expect(s.el.querySelector("input").type).toBe("range");
+  });
+});
