@@ -10,7 +10,7 @@ from torch import nn
 
 from .hygiene import forward_hooks, unfused_attention
 from .images import Preprocess
-from .layers import Layer, as_spatial, first_tensor, resolve, token_layout
+from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Context:
     meta: dict = field(default_factory=dict)             # what the method reports (delta, layer, warnings)
     layer_name: str | None = None
     keep_intermediates: bool = False     # keep per-point gradients in memo (the widget refines them later)
+    _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
 
     # --- basic passes ------------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
@@ -58,8 +59,18 @@ class Context:
         return torch.cat(grads), torch.cat(scores)
 
     def report(self, fraction: float) -> None:
-        if self.progress is not None:
+        if self.progress is not None and not self._quiet:
             self.progress(fraction)
+
+    @contextmanager
+    def quietly(self) -> Iterator[None]:
+        """Passes made inside report nothing: the caller reports its own (outer) fraction, so the
+        progress seen by the user only goes up (an inner chunk would otherwise report 1.0)."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
 
     # --- layers ------------------------------------------------------------------------------------
     def layer(self) -> Layer:
@@ -117,11 +128,12 @@ class Context:
         hw = tuple(self.x.shape[2:])
         acts, grads = {}, {} if gradients else None
         for i, layer in enumerate(layers):
-            t = outputs[layer.name].detach()
+            module = modules[layer.name]
+            t = channels_first(module, outputs[layer.name].detach(), self.model)
             layout = token_layout(self.model, t.shape[1], hw) if t.ndim == 3 else None
             acts[layer.name] = as_spatial(t, layout)
             if gradients:
-                grads[layer.name] = as_spatial(got[i], layout)
+                grads[layer.name] = as_spatial(channels_first(module, got[i], self.model), layout)
         gx = got[-1] if input_grad else None
         self.report(1.0)
         return acts, grads, gx

@@ -77,6 +77,22 @@ def as_spatial(t: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor | No
     return None
 
 
+_CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def channels_first(module: nn.Module, t: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+    """NCHW view of a 4-D module output. timm marks channels-last outputs with ``output_fmt='NHWC'``:
+    on a module (a dynamic-size ViT's patch embedding) or on the whole model (Swin, MambaOut), whose
+    stages and blocks then run channels last; convolutions, BatchNorm and pooling stay NCHW."""
+    fmt = getattr(module, "output_fmt", None)
+    if fmt is None and model is not None and not isinstance(module, _CHANNELS_FIRST):
+        fmt = getattr(model, "output_fmt", None)
+    if t.ndim == 4 and getattr(fmt, "value", fmt) == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    return t
+
+
 def first_tensor(out) -> torch.Tensor | None:
     if isinstance(out, torch.Tensor):
         return out
@@ -110,7 +126,8 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     def record(module, _inp, out):
         t = first_tensor(out)
         if t is not None and module in names:
-            seen.append((names[module], module, tuple(t.shape), bool(previous) and previous[0] is t))
+            seen.append((names[module], module, tuple(channels_first(module, t, model).shape),
+                         bool(previous) and previous[0] is t))
             previous[:] = [t]
 
     x = torch.zeros((1, *input_shape[1:]), device=model_device(model))

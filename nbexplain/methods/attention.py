@@ -20,10 +20,17 @@ def fuse(attn: torch.Tensor, fusion: str) -> torch.Tensor:
 
 
 def to_patches(ctx: Context, rows: torch.Tensor) -> torch.Tensor:
-    """Attention rows (N,T,T) -> the class token's (or, without one, the mean token's) view of the patches."""
+    """Attention rows (N,T,T) -> the patches as seen by what the classifier reads.
+
+    With class-token pooling that is the class token's row; otherwise (no class token, average or
+    attention pooling) the mean of the patch tokens' rows. Prefix tokens are not always a class token:
+    register tokens come first too (e.g. ``class_token=False, reg_tokens=4``).
+    """
     layout = ctx.patch_layout(rows.shape[-1])
     p = layout.prefix
-    source = rows[:, 0, p:] if p > 0 else rows[:, :, p:].mean(1)
+    reads_cls = getattr(ctx.model, "cls_token", True) is not None and \
+        getattr(ctx.model, "global_pool", "token") == "token"
+    source = rows[:, 0, p:] if p > 0 and reads_cls else rows[:, p:, p:].mean(1)
     return source.reshape(len(rows), *layout.grid)
 
 

@@ -93,7 +93,8 @@ def scorecam(A, G, ctx):
           summary="Guided backprop multiplied by the upsampled Grad-CAM (needs ReLU modules and a layer).",
           reference="Selvaraju et al. 2017")
 def guided_gradcam(ctx: Context) -> torch.Tensor:
-    acts, grads, _ = ctx.capture(ctx.layer())
+    with ctx.quietly():                  # the guided backprop pass below reports the progress
+        acts, grads, _ = ctx.capture(ctx.layer())
     heat = F.relu(gradcam(acts, grads, ctx))[:, None]
     heat = F.interpolate(heat, size=ctx.x.shape[2:], mode="bilinear", align_corners=False)
     return _guided_backprop(ctx, ctx.x, ctx.targets) * heat

@@ -37,7 +37,9 @@ def _guided_backprop(ctx: Context, xs: torch.Tensor, targets: torch.Tensor) -> t
         msg = ("guided_backprop: the model has no nn.ReLU/ReLU6 modules (e.g. a GELU ViT), so guided "
                "backprop here equals the plain gradient ('saliency')")
         warnings.warn(msg, stacklevel=2)
-        ctx.meta.setdefault("warnings", []).append(msg)
+        # a tuple, once: api.package splits lists as one value per image; SmoothGrad calls this per chunk
+        if msg not in ctx.meta.get("warnings", ()):
+            ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
     return ctx.input_grads(xs, targets, hooks=lambda: guided_relus(ctx.model))[0]
 
 

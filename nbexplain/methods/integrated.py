@@ -59,7 +59,8 @@ def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: 
     for i in range(0, len(todo), per_chunk):
         chunk = todo[i:i + per_chunk]
         xs = torch.cat([b + a * (ctx.x - b) for a in chunk])
-        g, s = ctx.input_grads(xs, ctx.targets.repeat(len(chunk)))
+        with ctx.quietly():
+            g, s = ctx.input_grads(xs, ctx.targets.repeat(len(chunk)))
         for j, a in enumerate(chunk):
             fresh[a] = (g[j * n:(j + 1) * n], s[j * n:(j + 1) * n])
         ctx.report((i + len(chunk)) / len(todo))

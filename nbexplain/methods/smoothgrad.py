@@ -20,9 +20,13 @@ _DISPLAY = {"saliency": ("absmax", False), "guided_backprop": ("absmax", False),
 
 
 def sample_noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    """Noise of sample ``index``: fixed by (seed, index) alone, so adding samples keeps the old ones."""
+    """Noise of sample ``index``: fixed by (seed, index) alone, so adding samples keeps the old ones.
+
+    One (C,H,W) draw scaled per image by ``sigma`` (N,1,1,1): an image's map does not depend on which
+    other images share its batch.
+    """
     g = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + index)
-    return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype) * sigma
+    return torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) * sigma
 
 
 def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +41,8 @@ def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -
     for start in range(done, samples, per_chunk):
         idx = range(start, min(samples, start + per_chunk))
         xs = torch.cat([ctx.x + sample_noise(ctx.x, sigma, seed, i) for i in idx])
-        a = BASES[base](ctx, xs, ctx.targets.repeat(len(idx))).view(len(idx), *ctx.x.shape)
+        with ctx.quietly():
+            a = BASES[base](ctx, xs, ctx.targets.repeat(len(idx))).view(len(idx), *ctx.x.shape)
         total, squares = total + a.sum(0), squares + (a * a).sum(0)
         ctx.report((start + len(idx) - done) / max(1, samples - done))
     ctx.memo[key + (samples,)] = (total, squares)

@@ -1,0 +1,426 @@
+"""Engine behaviour: batches, targets, map geometry, layer defaults, ViT token layouts, attention."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+import nbexplain as nbx
+from conftest import make_input, make_model
+
+METHODS = {m["name"]: m for m in nbx.methods()}
+LIGHT = {"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 4}, "smoothgrad_sq": {"samples": 4},
+         "vargrad": {"samples": 4}, "occlusion": {"patch": 16, "stride": 16}}
+
+
+def run(model, images, method, **kw):
+    return nbx.attribute(model, images, method, **{**LIGHT.get(method, {}), **kw})
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return make_model("test_resnet")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return make_model("test_vit")            # class token, 'token' pooling, dynamic image size
+
+
+def reg_vit(**kw):
+    """test_vit with 4 register tokens on a non-square 64x96 input (a 4x6 grid)."""
+    return make_model("test_vit", reg_tokens=4, img_size=(64, 96), dynamic_img_size=False, **kw)
+
+
+# --------------------------------------------------------------------------------------- batches
+
+
+BATCH_METHODS = ["saliency", "gradient_x_input", "guided_backprop", "integrated_gradients", "smoothgrad",
+                 "vargrad", "gradcam", "gradcam++", "layercam", "eigencam", "scorecam", "guided_gradcam",
+                 "occlusion"]
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_batch_gives_per_image_results_with_per_image_targets(cnn, method):
+    x = make_input(3, 64)
+    targets = [3, 17, 3]
+    outs = run(cnn, x, method, target=targets)
+    assert isinstance(outs, list) and len(outs) == 3
+    for i, out in enumerate(outs):
+        assert out.target == targets[i]
+        assert out.raw.shape[0] == 1 and out.map.shape == (64, 64)
+        # an image's result does not depend on the other images in its batch
+        alone = run(cnn, x[i], method, target=targets[i])
+        torch.testing.assert_close(out.raw, alone.raw, rtol=1e-4, atol=1e-5 * float(alone.raw.abs().max()))
+    assert not torch.allclose(outs[0].raw, outs[2].raw)     # same target, different images
+
+
+def test_list_input_gives_a_list_and_tensor_target_works(cnn):
+    xs = [make_input(1, 64, seed=s)[0] for s in (1, 2)]
+    outs = nbx.attribute(cnn, xs, "saliency", target=torch.tensor([3, 4]))
+    assert [o.target for o in outs] == [3, 4]
+    single = nbx.attribute(cnn, xs[0], "saliency")
+    assert isinstance(single, nbx.Attribution)
+    one_batch = nbx.attribute(cnn, xs[0][None], "saliency")
+    assert isinstance(one_batch, list) and len(one_batch) == 1
+
+
+def test_uniform_baseline_does_not_depend_on_the_batch(cnn):
+    x = make_input(2, 64)
+    both = run(cnn, x, "integrated_gradients", baseline="uniform", seed=4, target=3)
+    alone = run(cnn, x[1], "integrated_gradients", baseline="uniform", seed=4, target=3)
+    torch.testing.assert_close(both[1].raw, alone.raw, rtol=1e-4, atol=1e-6)
+
+
+def test_default_target_is_the_prediction_and_probs_are_reported(cnn):
+    x = make_input(1, 64)[0]
+    out = nbx.attribute(cnn, x, "saliency")
+    with torch.no_grad():
+        logits = cnn(x[None])[0]
+    assert out.target == int(logits.argmax())
+    (top, label, p), *_ = out.probs
+    assert top == out.target and p == pytest.approx(float(logits.softmax(0).max()), rel=1e-5)
+    assert len(out.probs) == 5 and label == out.label
+
+
+def test_batch_size_changes_nothing_but_the_chunking(cnn):
+    x = make_input(2, 64)
+    a = run(cnn, x, "integrated_gradients", steps=10, target=3)
+    b = run(cnn, x, "integrated_gradients", steps=10, target=3, batch_size=3)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u.raw, v.raw, rtol=1e-4, atol=1e-5 * float(u.raw.abs().max()))
+
+
+def test_progress_reaches_one(cnn):
+    seen = []
+    nbx.attribute(cnn, make_input(1, 64)[0], "integrated_gradients", steps=8, batch_size=2,
+                  progress=seen.append)
+    assert seen and seen[-1] == pytest.approx(1.0)
+    assert all(0 <= p <= 1 for p in seen) and seen == sorted(seen)
+
+
+# --------------------------------------------------------------------------------------- targets
+
+
+def test_target_by_class_name(cnn):
+    x = make_input(2, 64)
+    out = nbx.attribute(cnn, x[0], "saliency", target="goldfish")
+    assert out.target == 1 and "goldfish" in out.label
+    by_index = nbx.attribute(cnn, x[0], "saliency", target=1)
+    assert torch.equal(out.raw, by_index.raw)
+    outs = nbx.attribute(cnn, x, "gradcam", target=["goldfish", "tench"])
+    assert [o.target for o in outs] == [1, 0]
+    assert out.meta["target"] == 1 and out.meta["label"] == out.label
+
+
+def test_target_changes_the_map(cnn):
+    x = make_input(1, 64)[0]
+    a, b = (nbx.attribute(cnn, x, "integrated_gradients", steps=4, target=t) for t in (1, 2))
+    assert not torch.allclose(a.raw, b.raw)
+
+
+# ----------------------------------------------------------------------------------- map geometry
+
+
+def test_map_matches_the_original_image_for_pil_input(cnn):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (70, 50, 3), dtype=np.uint8))    # 50 wide, 70 high
+    out = nbx.attribute(cnn, img, "gradcam")
+    assert out.map.shape == (70, 50)
+    assert out.image.shape == (70, 50, 3)
+    assert out.meta["crop_box"] is not None
+    grids = {layer["name"]: tuple(layer["grid"]) for layer in nbx.layers(cnn)}    # at the model's 160 px
+    assert out.raw.shape[1:] == grids[out.meta["layer"]]
+
+
+def test_map_matches_the_tensor_for_tensor_input(cnn, vit):
+    out = nbx.attribute(cnn, make_input(1, (48, 80))[0], "saliency")
+    assert out.map.shape == (48, 80) and out.raw.shape == (1, 3, 48, 80)
+    out = nbx.attribute(vit, make_input(1, (32, 80))[0], "gradcam")
+    assert out.map.shape == (32, 80) and out.raw.shape == (1, 2, 5)
+    assert out.meta["crop_box"] is None
+
+
+@pytest.mark.filterwarnings("ignore:guided_backprop")
+@pytest.mark.parametrize("arch", ["cnn", "vit"])
+def test_every_method_gives_a_finite_normalised_map(cnn, vit, arch):
+    model = cnn if arch == "cnn" else vit
+    x = make_input(1, 64)[0]
+    for name, spec in METHODS.items():
+        if spec["vit_only"] and arch == "cnn":
+            continue
+        out = run(model, x, name)
+        m = out.map
+        assert m.shape == (64, 64) and m.dtype == np.float32, name
+        assert np.isfinite(m).all(), name
+        assert m.min() >= -1 - 1e-6 and m.max() <= 1 + 1e-6, name
+        assert np.abs(m).max() == pytest.approx(1.0) or np.abs(m).max() == 0, name
+        if not out.signed:
+            assert m.min() >= 0, name
+        assert out.meta["method"] == name and np.isfinite(out.raw.numpy()).all(), name
+
+
+# ------------------------------------------------------------------------------------ layer choice
+
+
+def test_default_layer_on_a_cnn(cnn):
+    out = nbx.attribute(cnn, make_input(1, 96)[0], "gradcam")
+    layers = {layer["name"]: layer for layer in nbx.layers(cnn, make_input(1, 96))}
+    assert out.meta["layer"] == "layer2"             # the last stage whose grid is still >= 7 (12x12)
+    assert min(layers["layer2"]["grid"]) >= 7 and min(layers["layer3"]["grid"]) < 7
+    assert out.raw.shape == (1, 12, 12)
+    big = nbx.attribute(cnn, make_input(1, 224)[0], "gradcam")
+    assert big.meta["layer"] == "layer4" and big.raw.shape == (1, 7, 7)
+
+
+def test_default_layer_on_a_cls_pooled_vit(vit):
+    out = nbx.attribute(vit, make_input(1, 64)[0], "gradcam")
+    assert out.meta["layer"] == f"blocks.{len(vit.blocks) - 1}.norm1"
+    assert out.raw.shape == (1, 4, 4)
+    assert float(out.raw.abs().max()) > 0
+
+
+def test_default_layer_on_an_avg_pooled_vit():
+    model = reg_vit(class_token=False, global_pool="avg")
+    out = nbx.attribute(model, make_input(1, (64, 96))[0], "gradcam")
+    assert out.meta["layer"] == f"blocks.{len(model.blocks) - 1}"
+
+
+def test_layers_lists_patch_embed_channels_first(vit):
+    # test_vit's patch embedding returns NHWC (dynamic image size); it must be read as a grid
+    found = {layer["name"]: layer for layer in nbx.layers(vit, make_input(1, 64))}
+    assert found["patch_embed"]["grid"] == [4, 4] and found["patch_embed"]["channels"] == vit.embed_dim
+    out = nbx.attribute(vit, make_input(1, 64)[0], "layercam", layer="patch_embed", target=3)
+    assert out.raw.shape == (1, 4, 4)
+
+
+def _grad_cam_layer_map(model, layer, x, target, reshape):
+    import copy
+
+    class Probe(GradCAM):
+        def compute_cam_per_layer(self, input_tensor, targets, eigen_smooth):
+            acts = [a.cpu().data.numpy() for a in self.activations_and_grads.activations]
+            grads = [g.cpu().data.numpy() for g in self.activations_and_grads.gradients]
+            self.layer_cam = np.maximum(self.get_cam_image(input_tensor, None, targets, acts[0], grads[0],
+                                                           False), 0)
+            return super().compute_cam_per_layer(input_tensor, targets, eigen_smooth)
+
+    mine = copy.deepcopy(model)
+    with Probe(mine, [dict(mine.named_modules())[layer]], reshape_transform=reshape) as cam:
+        cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(target)])
+    return cam.layer_cam
+
+
+def _drop_prefix_reshape(t, prefix, grid):
+    return t[:, prefix:].reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("kw,prefix", [({"class_token": False, "global_pool": "avg"}, 4), ({}, 5)],
+                         ids=["reg4-gap", "cls-reg4"])
+@pytest.mark.parametrize("layer", ["blocks.2", "blocks.5.norm1"])
+def test_cam_on_a_vit_with_register_tokens_and_non_square_grid(kw, prefix, layer):
+    model = reg_vit(**kw)
+    assert model.num_prefix_tokens == prefix
+    x = make_input(1, (64, 96))
+    out = nbx.attribute(model, x[0], "gradcam", layer=layer, target=3)
+    assert out.raw.shape == (1, 4, 6) and out.map.shape == (64, 96)
+    reshape = functools.partial(_drop_prefix_reshape, prefix=prefix, grid=(4, 6))
+    ref = _grad_cam_layer_map(model, layer, x, 3, reshape)
+    assert float(np.abs(ref).max()) > 0
+    np.testing.assert_allclose(out.raw.numpy(), ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+def test_cam_methods_on_a_timm_reg4_gap_model():
+    torch.manual_seed(0)
+    import timm
+    model = timm.create_model("vit_little_patch16_reg4_gap_256", pretrained=False, img_size=(64, 96),
+                              depth=2).eval()
+    x = make_input(1, (64, 96))[0]
+    for method in ("gradcam", "gradcam++", "layercam", "eigencam", "attention_rollout", "grad_rollout"):
+        out = nbx.attribute(model, x, method)
+        assert out.raw.shape == (1, 4, 6), method
+        assert np.isfinite(out.map).all() and out.map.shape == (64, 96), method
+
+
+@pytest.mark.parametrize("name,kw,layer,grid,channels", [
+    ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=32,
+                                          num_heads=(1, 1, 1, 1)), "layers.1", (8, 8), 64),
+    ("test_mambaout", {}, "stages.1", (8, 8), 32),
+])
+def test_channels_last_models_are_read_as_grids(name, kw, layer, grid, channels):
+    # Swin and MambaOut run their stages channels last (timm: model.output_fmt == 'NHWC')
+    model = make_model(name, **kw)
+    x = make_input(1, 64)
+    found = {entry["name"]: entry for entry in nbx.layers(model, x)}
+    assert tuple(found[layer]["grid"]) == grid and found[layer]["channels"] == channels
+    out = nbx.attribute(model, x[0], "gradcam", target=3)
+    assert out.meta["layer"] == layer and out.raw.shape == (1, *grid)
+    ref = _grad_cam_layer_map(model, layer, x, 3, lambda t: t.permute(0, 3, 1, 2))
+    assert float(np.abs(ref).max()) > 0
+    np.testing.assert_allclose(out.raw.numpy(), ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="models._infer reads the input size from pretrained_cfg, which timm does not update "
+                          "for img_size=...; a fixed-size ViT then gets 160 px images (reported to the lead)")
+def test_pil_input_on_a_vit_created_with_another_img_size():
+    model = make_model("test_vit", img_size=96, dynamic_img_size=False)
+    img = Image.fromarray(np.zeros((50, 70, 3), np.uint8))
+    out = nbx.attribute(model, img, "gradcam")
+    assert out.raw.shape == (1, 6, 6)
+
+
+# -------------------------------------------------------------------------------- attention (ViTs)
+
+
+class ReferenceAttention:
+    """Attention probabilities recomputed from each block's q/k while the model runs *fused*.
+
+    ``torch.nn.functional.scaled_dot_product_attention`` is replaced by an explicit softmax that keeps
+    its probabilities (with gradients), so nothing of nbexplain's own capture path is used.
+    """
+
+    def __init__(self, monkeypatch):
+        self.maps = []
+        original = torch.nn.functional.scaled_dot_product_attention
+
+        def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+            assert attn_mask is None and not is_causal
+            a = ((q * (scale or q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)).softmax(-1)
+            a.retain_grad()
+            self.maps.append(a)
+            return a @ v
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+        self.original = original
+
+    def run(self, model, x, target):
+        self.maps.clear()
+        assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+        xr = x[None].clone().requires_grad_(True)
+        model(xr)[0, target].backward()
+        return [a.detach() for a in self.maps], [a.grad for a in self.maps]
+
+
+def abnar_rollout(fused, discard_ratio):
+    """Attention rollout: Â = (A + I) / 2 row-normalised, multiplied from the first block on;
+    optionally dropping the weakest links of each block first (vit-explain), never link (0, 0)."""
+    t = fused[0].shape[-1]
+    result = torch.eye(t)
+    for a in fused:
+        a = a.clone()
+        if discard_ratio:
+            flat = a.reshape(-1)
+            idx = flat.topk(int(flat.numel() * discard_ratio), largest=False).indices
+            flat[idx[idx != 0]] = 0
+        a = (a + torch.eye(t)) / 2
+        a = a / a.sum(-1, keepdim=True)
+        result = a @ result
+    return result
+
+
+def patches(rows, prefix, grid, cls):
+    return (rows[0, prefix:] if cls else rows[prefix:, prefix:].mean(0)).reshape(grid)
+
+
+@pytest.mark.parametrize("variant", ["cls", "reg4-gap"])
+def test_attention_methods_match_an_independent_reference(monkeypatch, variant):
+    model = make_model("test_vit") if variant == "cls" else reg_vit(class_token=False, global_pool="avg")
+    size = (64, 64) if variant == "cls" else (64, 96)
+    grid = (size[0] // 16, size[1] // 16)
+    prefix, cls = model.num_prefix_tokens, variant == "cls"
+    x = make_input(1, size)[0]
+    target = 3
+
+    a_last = nbx.attribute(model, x, "attention", block=-1, target=target)
+    a_head = nbx.attribute(model, x, "attention", block=1, head=1, fusion="max", target=target)
+    roll = nbx.attribute(model, x, "attention_rollout", discard_ratio=0.0, target=target)
+    roll_d = nbx.attribute(model, x, "attention_rollout", discard_ratio=0.6, fusion="max", target=target)
+    grad = nbx.attribute(model, x, "grad_rollout", discard_ratio=0.0, target=target)
+    grad_d = nbx.attribute(model, x, "grad_rollout", discard_ratio=0.5, target=target)
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")), "fused_attn not restored"
+
+    ref = ReferenceAttention(monkeypatch)
+    maps, grads = ref.run(model, x, target)
+    assert len(maps) == len(model.blocks)
+    maps = [m[0] for m in maps]
+    grads = [g[0] for g in grads]
+
+    def check(out, expected):
+        assert out.raw.shape == (1, *grid)
+        torch.testing.assert_close(out.raw[0], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+    check(a_last, patches(maps[-1].mean(0), prefix, grid, cls))
+    check(a_head, patches(maps[1][1], prefix, grid, cls))
+    check(roll, patches(abnar_rollout([m.mean(0) for m in maps], 0.0), prefix, grid, cls))
+    check(roll_d, patches(abnar_rollout([m.amax(0) for m in maps], 0.6), prefix, grid, cls))
+    weighted = [(m * g).mean(0).clamp(min=0) for m, g in zip(maps, grads)]
+    check(grad, patches(abnar_rollout(weighted, 0.0), prefix, grid, cls))
+    check(grad_d, patches(abnar_rollout(weighted, 0.5), prefix, grid, cls))
+    assert a_last.meta["layer"] == f"block {len(model.blocks) - 1}"
+
+
+@pytest.mark.parametrize("method", ["attention", "attention_rollout", "grad_rollout"])
+def test_attention_methods_work_with_fused_attention_and_restore_it(vit, method):
+    flags = [m.fused_attn for m in vit.modules() if hasattr(m, "fused_attn")]
+    assert flags and all(flags)                          # timm's default
+    out = nbx.attribute(vit, make_input(1, 64)[0], method)
+    assert out.raw.shape == (1, 4, 4) and float(out.raw.max()) > 0
+    assert [m.fused_attn for m in vit.modules() if hasattr(m, "fused_attn")] == flags
+
+
+def test_grad_rollout_is_class_specific_and_rollout_is_not(vit):
+    x = make_input(1, 64)[0]
+    r1, r2 = (nbx.attribute(vit, x, "attention_rollout", target=t) for t in (1, 2))
+    g1, g2 = (nbx.attribute(vit, x, "grad_rollout", target=t) for t in (1, 2))
+    assert torch.equal(r1.raw, r2.raw)
+    assert not torch.allclose(g1.raw, g2.raw)
+
+
+def test_guided_backprop_on_a_gelu_vit_warns_and_equals_saliency(vit):
+    x = make_input(1, 64)[0]
+    with pytest.warns(UserWarning, match="no nn.ReLU/ReLU6 modules"):
+        gbp = nbx.attribute(vit, x, "guided_backprop", target=3)
+    sal = nbx.attribute(vit, x, "saliency", target=3)
+    assert torch.equal(gbp.raw, sal.raw)
+    assert not isinstance(gbp.meta["warnings"], str)
+    assert [w for w in gbp.meta["warnings"] if "ReLU" in w]
+    with pytest.warns(UserWarning, match="ReLU"):
+        sg = nbx.attribute(vit, x, "smoothgrad", base="guided_backprop", samples=6, batch_size=2)
+    assert len(sg.meta["warnings"]) == 1
+
+
+def test_guided_backprop_on_a_relu_cnn_does_not_warn(cnn, recwarn):
+    nbx.attribute(cnn, make_input(1, 64)[0], "guided_backprop")
+    assert not [w for w in recwarn if "ReLU" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------- provenance
+
+
+def test_meta_records_what_was_run(cnn):
+    out = nbx.attribute(cnn, make_input(1, 64)[0], "integrated_gradients", steps=4, rule="riemann_left",
+                        baseline=torch.zeros(3, 64, 64), target=2)
+    meta = out.meta
+    assert meta["method"] == "integrated_gradients" and meta["model"] == "test_resnet"
+    assert meta["params"]["steps"] == 4 and meta["params"]["rule"] == "riemann_left"
+    assert meta["params"]["baseline"] == "tensor(3, 64, 64)"
+    assert len(meta["weights_sha256"]) == 64 and meta["target"] == 2
+    assert meta["preprocess"]["size"] == [160, 160]
+
+
+# ------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="tensor inputs are cast to float32 in images._prepare_tensor and compute() does not "
+                          "cast to the model's dtype, so a float64 model fails (reported to the lead)")
+def test_float64_model_with_float64_input(cnn):
+    import copy
+    model = copy.deepcopy(cnn).double()
+    out = nbx.attribute(model, make_input(1, 64)[0].double(), "saliency", target=3)
+    assert out.raw.shape == (1, 3, 64, 64)

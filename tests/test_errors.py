@@ -1,0 +1,305 @@
+"""Mistakes get clear errors that name the argument (and suggest a fix); odd images just work."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+import nbexplain as nbx
+from conftest import make_model
+
+X = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return make_model("test_resnet")
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return make_model("test_vit")
+
+
+# ------------------------------------------------------------------------------- method, layer
+
+
+def test_unknown_method_suggests_close_match(cnn):
+    with pytest.raises(ValueError, match=r"unknown method 'gradcma'.*Did you mean: 'gradcam'"):
+        nbx.attribute(cnn, X, "gradcma")
+    with pytest.raises(ValueError, match=r"method.*'integrated_gradients'"):
+        nbx.attribute(cnn, X, "integrated_gradient")
+    with pytest.raises(TypeError, match="method"):
+        nbx.attribute(cnn, X, None)
+
+
+def test_unknown_layer_suggests_close_match(cnn):
+    with pytest.raises(ValueError, match=r"unknown layer 'layr3'.*Did you mean: 'layer3'"):
+        nbx.attribute(cnn, X, "gradcam", layer="layr3")
+    with pytest.raises(ValueError, match=r"unknown layer 'blocks\.5\.nrom1'.*'blocks\.5\.norm1'"):
+        nbx.attribute(make_model("test_vit"), X, "gradcam", layer="blocks.5.nrom1")
+    with pytest.raises(TypeError, match="layer"):
+        nbx.attribute(cnn, X, "gradcam", layer=3)
+
+
+@pytest.mark.parametrize("name", ["fc", "global_pool"])
+def test_layer_without_spatial_output_for_a_cam(cnn, name):
+    with pytest.raises(ValueError, match=rf"layer '{name}' has no spatial output.*nbx.layers"):
+        nbx.attribute(cnn, X, "gradcam", layer=name)
+
+
+def test_vit_head_is_not_a_cam_layer(vit):
+    with pytest.raises(ValueError, match="layer 'head' has no spatial output"):
+        nbx.attribute(vit, X, "gradcam", layer="head")
+
+
+def test_layer_given_to_a_method_without_layers(cnn):
+    with pytest.raises(ValueError, match=r"layer: 'saliency' does not use a layer"):
+        nbx.attribute(cnn, X, "saliency", layer="layer2")
+
+
+def test_vit_only_method_on_a_cnn(cnn):
+    for method in ("attention", "attention_rollout", "grad_rollout"):
+        with pytest.raises(ValueError, match=rf"method '{method}' needs a Vision Transformer.*gradcam"):
+            nbx.attribute(cnn, X, method)
+
+
+# ------------------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize("target", [1000, -1, 10**9])
+def test_target_out_of_range(cnn, target):
+    with pytest.raises(ValueError, match=rf"target={target} is out of range.*1000 classes"):
+        nbx.attribute(cnn, X, "saliency", target=target)
+
+
+def test_target_unknown_class_name(cnn):
+    with pytest.raises(ValueError, match=r"target='goldfsh'.*Did you mean: 'goldfish'"):
+        nbx.attribute(cnn, X, "saliency", target="goldfsh")
+
+
+def test_target_name_without_labels():
+    model = make_model("test_resnet", num_classes=5)      # not ImageNet: no class names
+    with pytest.raises(ValueError, match=r"target='cat'.*labels="):
+        nbx.attribute(model, X, "saliency", target="cat")
+    out = nbx.attribute(model, X, "saliency", target="cat", labels=["dog", "cat", "a", "b", "c"])
+    assert out.target == 1 and out.label == "cat"
+
+
+def test_target_wrong_type_and_count(cnn):
+    with pytest.raises(TypeError, match="target"):
+        nbx.attribute(cnn, X, "saliency", target=1.5)
+    with pytest.raises(ValueError, match="target: got 3 targets for 2 images"):
+        nbx.attribute(cnn, torch.stack([X, X]), "saliency", target=[1, 2, 3])
+
+
+# -------------------------------------------------------------------------------------- tensors
+
+
+def test_wrong_channel_count(cnn):
+    with pytest.raises(ValueError, match=r"images: the model expects 3 channels, the tensor has 4"):
+        nbx.attribute(cnn, torch.randn(1, 4, 64, 64), "saliency")
+    with pytest.raises(ValueError, match=r"channels.*NHWC"):
+        nbx.attribute(cnn, torch.randn(1, 64, 64, 3), "saliency")
+
+
+def test_wrong_rank_and_dtype(cnn):
+    with pytest.raises(ValueError, match=r"images: a tensor must be \(N,C,H,W\)"):
+        nbx.attribute(cnn, torch.randn(64, 64), "saliency")
+    with pytest.raises(TypeError, match="images: a tensor input must be float"):
+        nbx.attribute(cnn, torch.zeros(3, 64, 64, dtype=torch.uint8), "saliency")
+
+
+def test_empty_inputs(cnn):
+    with pytest.raises(ValueError, match="images: the tensor is empty"):
+        nbx.attribute(cnn, torch.randn(0, 3, 64, 64), "saliency")
+    with pytest.raises(ValueError, match="image: the array is empty"):
+        nbx.attribute(cnn, np.zeros((0, 0, 3), np.uint8), "saliency")
+    with pytest.raises(ValueError, match="images: the list is empty"):
+        nbx.attribute(cnn, [], "saliency")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input(cnn, bad):
+    x = X.clone()
+    x[0, 3, 3] = bad
+    with pytest.raises(ValueError, match="images: the tensor contains NaN or infinite values"):
+        nbx.attribute(cnn, x, "saliency")
+    a = np.full((8, 8, 3), 0.5)
+    a[1, 1, 1] = bad
+    with pytest.raises(ValueError, match="image: the array contains NaN or infinite values"):
+        nbx.attribute(cnn, a, "saliency")
+
+
+# ------------------------------------------------------------------------------------ parameters
+
+
+def test_unknown_parameter_suggests_close_match(cnn):
+    with pytest.raises(ValueError, match=r"unknown parameter for 'integrated_gradients': 'step'.*'steps'"):
+        nbx.attribute(cnn, X, "integrated_gradients", step=5)
+    with pytest.raises(ValueError, match=r"'smoothgrad'.*'nois'.*'noise'"):
+        nbx.attribute(cnn, X, "smoothgrad", nois=0.1)
+    with pytest.raises(TypeError, match="'saliency' takes no parameters, got steps"):
+        nbx.attribute(cnn, X, "saliency", steps=5)
+
+
+@pytest.mark.parametrize("method,param,value,exc,pattern", [
+    ("integrated_gradients", "steps", 0, ValueError, r"steps=0: must be within \[1, 4096\]"),
+    ("integrated_gradients", "steps", 5000, ValueError, r"steps=5000: must be within"),
+    ("integrated_gradients", "steps", 2.5, TypeError, r"steps=2.5: expected an integer or 'auto'"),
+    ("integrated_gradients", "steps", "many", TypeError, r"steps='many'"),
+    ("integrated_gradients", "tolerance", 0.0, ValueError, r"tolerance=0.0: must be within"),
+    ("integrated_gradients", "baseline", "blak", ValueError, r"'baseline'.*'blak'.*Did you mean: 'black'"),
+    ("integrated_gradients", "rule", "trapezoid", ValueError, r"'rule'.*'riemann_trapezoid'"),
+    ("smoothgrad", "noise", 1.5, ValueError, r"noise=1.5: must be within \[0.0, 1.0\]"),
+    ("smoothgrad", "noise", float("nan"), ValueError, r"noise=nan"),
+    ("smoothgrad", "samples", 0, ValueError, r"samples=0"),
+    ("smoothgrad", "samples", True, TypeError, r"samples=True: expected an integer"),
+    ("smoothgrad", "base", "gradcam", ValueError, r"'base'.*'gradcam'"),
+    ("vargrad", "seed", -1, ValueError, r"seed=-1"),
+    ("occlusion", "patch", 0, ValueError, r"patch=0"),
+    ("occlusion", "fill", "grey", ValueError, r"'fill'.*'grey'"),
+    ("attention_rollout", "discard_ratio", 1.0, ValueError, r"discard_ratio=1.0"),
+])
+def test_parameter_out_of_range(cnn, vit, method, param, value, exc, pattern):
+    model = vit if method.startswith("attention") else cnn
+    with pytest.raises(exc, match=pattern):
+        nbx.attribute(model, X, method, **{param: value})
+
+
+def test_trapezoid_needs_two_steps(cnn):
+    with pytest.raises(ValueError, match="riemann_trapezoid.*steps >= 2"):
+        nbx.attribute(cnn, X, "integrated_gradients", rule="riemann_trapezoid", steps=1)
+
+
+def test_tensor_baseline_of_the_wrong_shape(cnn):
+    with pytest.raises(ValueError, match=r"baseline: a tensor baseline must broadcast to the input"):
+        nbx.attribute(cnn, X, "integrated_gradients", steps=2, baseline=torch.zeros(2, 3, 5, 5))
+    with pytest.raises(TypeError, match="a tensor is not accepted"):
+        nbx.attribute(cnn, X, "occlusion", fill=torch.zeros(3, 64, 64))
+
+
+def test_occlusion_stride_larger_than_patch(cnn):
+    with pytest.raises(ValueError, match=r"occlusion: stride=16 > patch=8"):
+        nbx.attribute(cnn, X, "occlusion", patch=8, stride=16)
+
+
+@pytest.mark.parametrize("block,head,pattern", [(6, -1, r"block=6 out of range.*6 blocks"),
+                                                (-7, -1, r"block=-7 out of range"),
+                                                (0, 2, r"head=2 out of range.*2 heads")])
+def test_attention_block_and_head_out_of_range(vit, block, head, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        nbx.attribute(vit, X, "attention", block=block, head=head)
+
+
+# ---------------------------------------------------------------------------------- image inputs
+
+
+def _gradient_rgb(h=48, w=80):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA", "F", "1"])
+def test_pil_modes_are_accepted(cnn, mode):
+    rgb = Image.fromarray(_gradient_rgb())
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    elif mode == "F":
+        img = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) / 255.0, "F")
+    else:
+        img = rgb.convert(mode)
+    assert img.mode == mode
+    out = nbx.attribute(cnn, img, "saliency")
+    assert out.map.shape == (48, 80)                     # the original image's (H, W)
+    assert np.isfinite(out.map).all() and out.map.max() == pytest.approx(1.0)
+    assert out.image.shape == (48, 80, 3) and out.image.dtype == np.uint8
+
+
+def test_sixteen_bit_image_is_rescaled_not_clipped(cnn):
+    img = Image.fromarray(np.full((32, 32), 40000, np.uint16))
+    assert img.mode == "I;16"
+    out = nbx.attribute(cnn, img, "saliency")
+    assert abs(int(out.image[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1   # not clipped at 255
+
+
+def test_transparent_pixels_are_shown_on_white(cnn):
+    a = np.zeros((32, 32, 4), np.uint8)
+    a[..., 0] = 200
+    a[:16, :, 3] = 255                                      # top half opaque red, bottom transparent
+    out = nbx.attribute(cnn, Image.fromarray(a, "RGBA"), "saliency")
+    assert tuple(out.image[0, 0]) == (200, 0, 0)
+    assert tuple(out.image[-1, -1]) == (255, 255, 255)
+
+
+class TopLeft(nn.Module):
+    """A 'classifier' whose class 0 is the sum of the top-left quarter of its input."""
+
+    def forward(self, x):
+        h, w = x.shape[2] // 2, x.shape[3] // 2
+        s = x[:, :, :h, :w].sum((1, 2, 3))
+        return torch.stack([s, -s], 1)
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_exif_rotated_jpeg_follows_the_rotation(tmp_path, as_path):
+    raw = Image.fromarray(_gradient_rgb(40, 64))            # stored 64 wide x 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # Orientation: rotate 90° CW to display
+    buf = io.BytesIO()
+    raw.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    path = tmp_path / "rotated.jpg"
+    path.write_bytes(buf.getvalue())
+    img = str(path) if as_path else Image.open(io.BytesIO(buf.getvalue()))
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+    assert shown.shape == (64, 40, 3)                        # displayed 40 wide x 64 high
+
+    pre = nbx.Preprocess(size=32, crop_pct=1.0, crop_mode="squash", interpolation="bilinear")
+    out = nbx.attribute(TopLeft(), img, "saliency", target=0, preprocess=pre)
+    assert out.map.shape == (64, 40)
+    np.testing.assert_array_equal(out.image, shown)
+    # the map's hot quarter is the top-left of the image as displayed
+    assert out.map[:28, :16].min() > 0.5
+    assert out.map[36:, :].max() == 0 and out.map[:, 24:].max() == 0
+
+
+def test_uint8_and_float_arrays_give_the_same_map(cnn):
+    a = _gradient_rgb(40, 56)
+    u = nbx.attribute(cnn, a, "saliency")
+    f = nbx.attribute(cnn, a.astype(np.float32) / 255.0, "saliency")
+    f64 = nbx.attribute(cnn, a.astype(np.float64) / 255.0, "saliency")
+    assert u.map.shape == (40, 56)
+    np.testing.assert_array_equal(u.map, f.map)
+    np.testing.assert_array_equal(u.map, f64.map)
+    g = nbx.attribute(cnn, a[..., 0], "saliency")            # a 2-D (grey) array
+    assert g.map.shape == (40, 56)
+
+
+@pytest.mark.parametrize("bad", [2.0, -0.5, 255.0])
+def test_float_array_out_of_range(cnn, bad):
+    a = np.full((16, 16, 3), 0.5, np.float32)
+    a[0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"image: float arrays must hold pixels in \[0, 1\]"):
+        nbx.attribute(cnn, a, "saliency")
+
+
+def test_array_layout_and_dtype_errors(cnn):
+    with pytest.raises(ValueError, match="looks channels-first"):
+        nbx.attribute(cnn, np.zeros((3, 20, 20), np.uint8), "saliency")
+    with pytest.raises(TypeError, match="unsupported array dtype int64"):
+        nbx.attribute(cnn, np.zeros((20, 20, 3), np.int64), "saliency")
+    with pytest.raises(ValueError, match=r"expected an HxW or HxWx3/4 array"):
+        nbx.attribute(cnn, np.zeros((20, 20, 2), np.uint8), "saliency")
+    with pytest.raises(FileNotFoundError, match="image: no file at"):
+        nbx.attribute(cnn, "/nonexistent/picture.png", "saliency")
+    with pytest.raises(TypeError, match="image: expected a path"):
+        nbx.attribute(cnn, {"not": "an image"}, "saliency")
+
+
+def test_model_without_preprocessing_needs_one_for_pil_input():
+    with pytest.raises(ValueError, match="preprocess"):
+        nbx.attribute(TopLeft(), Image.fromarray(_gradient_rgb()), "saliency", target=0)
