@@ -51,9 +51,9 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
 class Run:
     """What compute() produced for a batch, before it is split per image."""
 
-    def __init__(self, spec, params, raw, targets, logits, meta, device):
+    def __init__(self, spec, params, raw, targets, logits, meta, per_image, device):
         self.spec, self.params, self.raw, self.targets = spec, params, raw, targets
-        self.logits, self.meta, self.device = logits, meta, device
+        self.logits, self.meta, self.per_image, self.device = logits, meta, per_image, device
 
 
 def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: Any, layer: str | None,
@@ -66,8 +66,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         raise ValueError(f"method {spec.name!r} needs a Vision Transformer (timm Attention modules with "
                          f"'attn_drop'); {type(model).__name__} has none. For CNNs use 'gradcam', "
                          "'integrated_gradients' or 'occlusion'")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
     with borrowed(model):
-        x = x.to(device)
+        x = x.to(device, dtype)
         if logits is None:
             with torch.no_grad():
                 logits = model(x)
@@ -76,9 +77,10 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                              "wrap the model so it returns logits")
         targets = resolve_targets(target, logits, info.labels).to(device)
         ctx = Context(model, x, targets, info.preprocess, batch_size or auto_batch_size(x, device),
-                      memo if memo is not None else {}, progress, {}, layer, keep_intermediates)
+                      memo=memo if memo is not None else {}, progress=progress, layer_name=layer,
+                      keep_intermediates=keep_intermediates)
         raw = spec.fn(ctx, **params)
-    return Run(spec, params, raw.detach(), targets.cpu(), logits.detach().cpu(), ctx.meta, device)
+    return Run(spec, params, raw.detach(), targets.cpu(), logits.detach().cpu(), ctx.meta, ctx.per_image, device)
 
 
 def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:
@@ -138,8 +140,7 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> 
         label = info.labels[t] if info.labels else None
         meta = dict(common, target=t, label=label, signed=signed, display_reduce=reduce_,
                     crop_box=list(prepared.boxes[i]) if prepared.boxes and prepared.boxes[i] else None,
-                    **{key: (v[i] if isinstance(v, list) and len(v) == len(run.targets) else v)
-                       for key, v in run.meta.items()})
+                    **run.meta, **{key: v[i] for key, v in run.per_image.items()})
         image = original if original is not None else _pixels(prepared.x[i], info.preprocess)
         out.append(Attribution(m, raw, t, label,
                                [(int(j), info.labels[j] if info.labels else None, float(p))

@@ -24,7 +24,8 @@ class Context:
     batch_size: int                       # samples per forward/backward in expanded work
     memo: MutableMapping = field(default_factory=dict)   # reusable partial results (pipeline cache)
     progress: Callable[[float], None] | None = None
-    meta: dict = field(default_factory=dict)             # what the method reports (delta, layer, warnings)
+    meta: dict = field(default_factory=dict)             # what the method reports (layer, warnings)
+    per_image: dict = field(default_factory=dict)        # reports with one value per image (IG's delta)
     layer_name: str | None = None
     keep_intermediates: bool = False     # keep per-point gradients in memo (the widget refines them later)
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself

@@ -199,7 +199,8 @@ def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:
     if preprocess is not None and t.shape[1] != preprocess.channels:
         raise ValueError(f"images: the model expects {preprocess.channels} channels, the tensor has "
                          f"{t.shape[1]} (shape {tuple(t.shape)}); is it NHWC? use t.permute(0, 3, 1, 2)")
-    return Prepared(t.detach().clone().float(), [None] * t.shape[0], [None] * t.shape[0])
+    t = t.detach().clone() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
+    return Prepared(t, [None] * t.shape[0], [None] * t.shape[0])
 
 
 def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | None,

@@ -52,7 +52,11 @@ def describe(model: nn.Module, preprocess: Preprocess | None = None,
 def _infer(model: nn.Module) -> ModelInfo:
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:           # a timm model
-        pre = Preprocess(size=tuple(cfg["input_size"][1:]), crop_pct=cfg.get("crop_pct") or 0.875,
+        size = tuple(cfg["input_size"][1:])
+        pe = getattr(model, "patch_embed", None)
+        if getattr(pe, "img_size", None) and not getattr(pe, "dynamic_img_size", False):
+            size = tuple(pe.img_size)        # timm keeps the config's size when built with img_size=...
+        pre = Preprocess(size=size, crop_pct=cfg.get("crop_pct") or 0.875,
                          crop_mode=cfg.get("crop_mode") or "center",
                          interpolation=cfg.get("interpolation") or "bicubic",
                          mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))

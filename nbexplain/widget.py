@@ -235,10 +235,11 @@ class ExplorerView(anywidget.AnyWidget):
         return self._session.cache
 
     def close(self) -> None:
-        with self._lock:
-            self._generation += 1                  # any running request stops at its next report
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._session.close()
+        if "_executor" in self.__dict__:           # construction may have failed before these existed
+            with self._lock:
+                self._generation += 1              # any running request stops at its next report
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._session.close()
         super().close()
 
 

@@ -265,9 +265,6 @@ def test_channels_last_models_are_read_as_grids(name, kw, layer, grid, channels)
     np.testing.assert_allclose(out.raw.numpy(), ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="models._infer reads the input size from pretrained_cfg, which timm does not update "
-                          "for img_size=...; a fixed-size ViT then gets 160 px images (reported to the lead)")
 def test_pil_input_on_a_vit_created_with_another_img_size():
     model = make_model("test_vit", img_size=96, dynamic_img_size=False)
     img = Image.fromarray(np.zeros((50, 70, 3), np.uint8))
@@ -416,9 +413,6 @@ def test_meta_records_what_was_run(cnn):
 # ------------------------------------------------------------------------------------- precision
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="tensor inputs are cast to float32 in images._prepare_tensor and compute() does not "
-                          "cast to the model's dtype, so a float64 model fails (reported to the lead)")
 def test_float64_model_with_float64_input(cnn):
     import copy
     model = copy.deepcopy(cnn).double()

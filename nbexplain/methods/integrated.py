@@ -118,6 +118,7 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
         relative = delta.abs() / gap.abs().clamp_min(1e-12)
         if steps != "auto" or bool((relative <= tolerance).all()):
             break
-    ctx.meta.update(steps=n, delta=delta.tolist(), relative_delta=relative.tolist(),
+    ctx.meta["steps"] = n
+    ctx.per_image.update(delta=delta.tolist(), relative_delta=relative.tolist(),
                     f_x=f_x.tolist(), f_baseline=f_b.tolist())
     return attr
