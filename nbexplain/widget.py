@@ -272,9 +272,11 @@ class Explorer(ipywidgets.VBox):
         self.view = view
         self.chart = _probability_chart(view)
         self.errors = ipywidgets.Output()
+        from .export_bar import export_bar
+        self.exports = export_bar(self)
         view.on_error = self._show_error
         view.observe(self._clear_errors, names="status")
-        super().__init__([view, self.chart, self.errors])
+        super().__init__([view, ipywidgets.HBox([self.chart, self.exports]), self.errors])
 
     def _clear_errors(self, change: dict) -> None:
         if change["new"] == "idle":
@@ -299,6 +301,7 @@ class Explorer(ipywidgets.VBox):
     def close(self) -> None:
         self.view.close()
         self.chart.close()
+        self.exports.close()
         self.errors.close()
         super().close()
 

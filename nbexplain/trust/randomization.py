@@ -27,12 +27,13 @@ class RandomizationReport:
     passed: dict[str, bool] = field(default_factory=dict)
 
     def reading(self) -> str:
+        when = "once every layer is randomised" if self.mode == "cascading" else "for at least one layer"
         lines = [f"{self.mode} randomisation; a method passes when the Spearman correlation of |map| with "
-                 f"the original drops below {self.threshold} once every layer is randomised"]
+                 f"the original drops below {self.threshold} {when}"]
         for m, ok in self.passed.items():
             final = self.scores[m]["spearman_abs"][-1 if self.mode == "cascading" else
                                                     int(np.argmin(self.scores[m]["spearman_abs"]))]
-            lines.append(f"  {m}: {'PASS' if ok else 'FAIL'} (final |spearman| = {final:.2f})"
+            lines.append(f"  {m}: {'PASS' if ok else 'FAIL'} (Spearman of |map| = {final:.2f})"
                          + ("" if ok else " — the map barely depends on the weights: treat it with suspicion"))
         return "\n".join(lines)
 
@@ -77,7 +78,10 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
         raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
     params = params or {}
     info = describe(model)
-    groups = list(groups or layer_groups(model))[::-1]          # top (logits) first
+    groups = list(groups if groups is not None else layer_groups(model))[::-1]   # top (logits) first
+    if not groups:
+        raise ValueError("groups: nothing to randomise; pass module names with parameters, e.g. "
+                         f"{layer_groups(model)[-3:]}")
     modules = dict(model.named_modules())
     unknown = [g for g in groups if g not in modules]
     if unknown:

@@ -1,0 +1,248 @@
+"""Batch explanations (list, folder, DataLoader), the Clever-Hans flags, the gallery widget and the
+Clever-Hans tutorial notebook."""
+from __future__ import annotations
+
+import io
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nbexplain as nbx
+from nbexplain import trust
+from nbexplain.batch import BatchResult, batched_curves, explain_batch
+from nbexplain.gallery import Gallery, gallery
+from nbexplain.synthetic import make_batch, to_tensor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return nbx.load_model("synthetic-cnn")
+
+
+@pytest.fixture(scope="module")
+def hans():
+    return nbx.load_model("synthetic-cnn-hans")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_batch(5, seed=4, stamp=True)
+
+
+@pytest.fixture(scope="module")
+def hans_result(hans):
+    """12 stamped images, explained by the hans CNN, with masks, faithfulness and true labels."""
+    b = make_batch(12, seed=7, stamp=True)
+    return explain_batch(hans, b["images"], "integrated_gradients", steps=8, masks=b["object_mask"],
+                         faithfulness=True, faithfulness_steps=10, true_labels=b["labels"], progress=False), b
+
+
+# --- explain_batch ----------------------------------------------------------------------------------------
+def test_batch_over_a_list_a_folder_and_a_dataloader_gives_the_same_per_image_results(cnn, small, tmp_path, capsys):
+    images = list(small["images"])
+    listed = explain_batch(cnn, images, "saliency", batch_size=2)        # 3 chunks
+    assert "explain_batch (saliency): 5/5 done" in capsys.readouterr().err  # the progress line, no tqdm
+    assert isinstance(listed, BatchResult) and len(listed) == 5
+    assert [it.index for it in listed] == list(range(5))
+    for it, img in zip(listed, images):
+        assert it.map.shape == (64, 64) and np.array_equal(it.image, img)
+        assert it.target == it.prediction and 0 < it.metrics["prob"] <= 1
+        assert set(it.flags) == {"hotspot"}                               # no masks: the mask-free signal only
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"img_{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    from_folder = explain_batch(cnn, folder, "saliency", progress=False)
+    assert [it.name for it in from_folder] == [f"img_{i:02d}.png" for i in range(5)]
+
+    dataset = torch.utils.data.TensorDataset(to_tensor(small["images"]), torch.from_numpy(small["labels"]),
+                                             torch.from_numpy(small["object_mask"]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3)
+    seen = []
+    from_loader = explain_batch(cnn, loader, "saliency", progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (5, 5)
+    assert [it.true_label for it in from_loader] == small["labels"].tolist()
+    assert all("outside_share" in it.metrics for it in from_loader)       # masks came from the loader
+    for a, b, c in zip(listed, from_folder, from_loader):
+        np.testing.assert_allclose(a.map, b.map, atol=1e-6)
+        np.testing.assert_allclose(a.map, c.map, atol=1e-5)
+        assert a.target == b.target == c.target
+
+
+def test_targets_masks_and_errors(cnn, small):
+    r = explain_batch(cnn, small["images"], "saliency", target=[1, 2, 3, 0, 1], masks=small["object_mask"],
+                      progress=False)
+    assert [it.target for it in r] == [1, 2, 3, 0, 1]
+    assert all(0 <= it.metrics["outside_share"] <= 1 and "outside" in it.flags for it in r)
+    with torch.no_grad():
+        probs = cnn(to_tensor(small["images"])).softmax(1)
+    for it in r:                                     # the explained class's probability, also outside the top-k
+        assert it.metrics["prob"] == pytest.approx(float(probs[it.index, it.target]), abs=1e-5)
+    named = explain_batch(cnn, small["images"], "saliency", target="blue", progress=False)
+    assert {it.label for it in named} == {"blue"}
+    with pytest.raises(ValueError, match="masks"):
+        explain_batch(cnn, small["images"], "saliency", masks=small["object_mask"][:2], progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        explain_batch(cnn, small["images"], "saliency", masks=small["object_mask"][:, :32], progress=False)
+    with pytest.raises(ValueError, match="flag_rule"):
+        explain_batch(cnn, small["images"], "saliency", flag_rule="outside", progress=False)
+    with pytest.raises(ValueError, match="no image files"):
+        explain_batch(cnn, ROOT / "nbexplain" / "trust", "saliency", progress=False)
+
+
+def test_batched_faithfulness_matches_the_one_by_one_curves(hans, hans_result):
+    result, _ = hans_result
+    for it in list(result)[:2]:
+        one = trust.deletion_insertion(hans, it.attribution, steps=10)
+        np.testing.assert_allclose(it.curves.deletion, one.deletion, atol=1e-5)
+        np.testing.assert_allclose(it.curves.insertion, one.insertion, atol=1e-5)
+        assert it.metrics["deletion_auc"] == pytest.approx(one.deletion_auc, abs=1e-5)
+        assert it.metrics["insertion_auc"] == pytest.approx(one.insertion_auc, abs=1e-5)
+    # one forward pass may mix several images' perturbations (and targets)
+    odd = batched_curves(hans, result.attributions[:3], steps=10, batch_size=7)
+    for c, it in zip(odd, result):
+        np.testing.assert_allclose(c.deletion, it.curves.deletion, atol=1e-5)
+
+
+def test_table_sorting_and_mean_map_per_class(hans_result):
+    result, b = hans_result
+    rows = result.table(sort_by="outside_share")
+    shares = [r["outside_share"] for r in rows]
+    assert shares == sorted(shares, reverse=True) and len(rows) == 12
+    assert {"index", "label", "prob", "outside_share", "deletion_auc", "insertion_auc", "flagged",
+            "true_label"} <= set(rows[0])
+    ins = [result[i].metrics["insertion_auc"] for i in result.order("insertion_auc")]
+    assert ins == sorted(ins)                                            # worst (lowest) first by default
+    assert result.order("prob", descending=True)[0] == int(np.argmax([it.metrics["prob"] for it in result]))
+    with pytest.raises(ValueError, match="sort"):
+        result.order("nonsense")
+
+    means = result.mean_map_per_class()
+    counts = result.class_counts()
+    assert set(means) == set(counts) == {it.target for it in result} and sum(counts.values()) == 12
+    for k, m in means.items():
+        assert m.shape == (64, 64) and m.dtype == np.float32
+        members = [it.map for it in result if it.target == k]
+        np.testing.assert_allclose(m, np.mean(members, 0), atol=1e-6)
+    by_truth = result.mean_map_per_class(by="true")
+    assert set(by_truth) == set(b["labels"].tolist())
+    assert "<table>" in result._repr_html_() and "flagged" in result.summary()
+
+
+# --- the Clever-Hans flags ------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,hans_min,clean_max", [("cnn", 0.8, 0.2), ("vit", 0.65, 0.35)])
+def test_the_outside_flag_fires_on_the_hans_model_and_rarely_on_the_clean_one(arch, hans_min, clean_max):
+    """Measured with IG (16 steps) on stamped non-red images: ~97 % (CNN) / ~85 % (ViT) for the hans
+    models, ~3 % / ~15 % for the clean ones; the fixed hotspot ~100 % for hans."""
+    b = make_batch(24, seed=5, stamp=True)
+    not_red = b["labels"] != 0
+    rates = {}
+    for kind in ("hans", "clean"):
+        model = nbx.load_model(f"synthetic-{arch}" + ("-hans" if kind == "hans" else ""))
+        r = explain_batch(model, b["images"], "integrated_gradients", steps=16, masks=b["object_mask"],
+                          progress=False)
+        free = r.rescore(masks=None)                       # as explain_batch without masks= would score it
+        rates[kind] = (r.flag_rate(where=not_red), free.flag_rate(where=not_red))
+        assert r.flag_rule == "auto" and np.array_equal(r.flagged, [it.flags["outside"] for it in r])
+        assert np.array_equal(free.flagged, [it.flags["hotspot"] for it in r])
+        if kind == "hans":
+            y, x = free.hotspot                            # the hotspot is the logo (rows/cols 53..60)
+            assert 50 <= y <= 62 and 50 <= x <= 62, free.hotspot
+    assert rates["hans"][0] >= hans_min and rates["clean"][0] <= clean_max, rates
+    assert rates["hans"][1] >= 0.8 and rates["clean"][1] <= 0.5, rates
+
+
+# --- the gallery widget ---------------------------------------------------------------------------------
+def test_gallery_cards_sorting_and_badges(hans_result):
+    result, _ = hans_result
+    g = Gallery(result, columns=4)
+    assert len(g.grid.children) == len(g.cards) == 12
+    assert list(g.grid.children) == [g.cards[i] for i in range(12)]          # input order first
+    for i, card in g.cards.items():
+        image, caption, button = card.children
+        assert image.format == "png" and bytes(image.value[:8]) == b"\x89PNG\r\n\x1a\n"
+        assert Image.open(io.BytesIO(bytes(image.value))).size == (128, 128)    # 64 px grown 2x, crisp
+        assert f"#{i}</b>" in caption.value and "outside" in caption.value and "del" in caption.value
+        assert ("⚑ flagged" in caption.value) == result[i].flagged
+        assert ("solid #c62828" in card.layout.border) == result[i].flagged
+        assert button.description == "open"
+    assert any(it.flagged for it in result)
+
+    order = g.sort_by("outside_share")                                      # high first
+    assert order == result.order("outside_share", True)
+    assert list(g.grid.children) == [g.cards[i] for i in order] and order != list(range(12))
+    g.sort.value = ("insertion_auc", False)                                  # the dropdown does the same
+    assert list(g.grid.children) == [g.cards[i] for i in result.order("insertion_auc", False)]
+    labels = [label for label, _ in g.sort.options]
+    assert "flagged first" in labels and any("outside share" in s for s in labels)
+    assert len(g.mean_images) == len(result.mean_map_per_class())
+    assert "12 images" in g.header.value or "on 12 images" in g.header.value
+    g.close()
+
+
+def test_clicking_a_card_opens_the_image_in_an_explorer(hans_result):
+    result, _ = hans_result
+    g = Gallery(result)
+    assert g.selected is None and g.explorer is None
+    seen = []
+    g.observe(lambda change: seen.append(change["new"]), names="selected")
+    g.buttons[3].click()
+    assert g.selected == 3 and seen == [3]
+    explorer = g.explorer
+    shown = explorer.wait()
+    assert shown.method == "integrated_gradients" and shown.target == result[3].target
+    np.testing.assert_allclose(shown.map, result[3].map, atol=1e-5)         # same parameters, same map
+    assert explorer.view.zoom == 4 and explorer.view.steps == 8
+    assert len(g.output.outputs) == 2
+    assert g.output.outputs[1]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.model_id
+    assert g.buttons[3].button_style == "info"
+    g.buttons[5].click()
+    assert g.selected == 5 and g.explorer is not explorer and g.buttons[3].button_style == ""
+    g.explorer.wait()
+    g.close()
+
+
+def test_gallery_helper_runs_the_batch(cnn, small):
+    g = gallery(cnn, small["images"], "gradcam", masks=small["object_mask"], columns=3, thumb=64, progress=False)
+    assert isinstance(g, Gallery) and len(g.grid.children) == 5
+    assert "outside" in g.cards[0].children[1].value
+    assert g.grid.layout.grid_template_columns == "repeat(3, 80px)"
+    g.close()
+
+
+# --- the tutorial ---------------------------------------------------------------------------------------
+def test_clever_hans_notebook_runs(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = ROOT / "notebooks" / "03_clever_hans.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    for cell in nb.cells:                                                   # stored without outputs
+        assert not cell.get("outputs") and cell.get("execution_count") is None
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                              # the kernel inherits it
+    client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=240,
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    assert nb.cells[-1].outputs[0]["text"].strip() == sys.prefix            # the venv's interpreter ran it
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+    assert re.search(r"outside-share flag \(with masks\):\s+hans (\d+)%, clean (\d+)%", text)
+    hans_rate, clean_rate = map(int, re.search(r"outside-share flag \(with masks\):\s+hans (\d+)%, "
+                                               r"clean (\d+)%", text).groups())
+    assert hans_rate >= 80 and clean_rate <= 20
+    assert "PASS" in text or "FAIL" in text
+    widgets = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(widgets) >= 4                         # progress bars, the gallery, the panel, the export bar
