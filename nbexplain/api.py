@@ -14,7 +14,7 @@ from .methods import REGISTRY, get as get_method
 from ._errors import closest
 from .attribution import Attribution, display_map, normalise, on_image
 from .context import Context
-from .hygiene import borrowed, model_device
+from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
 from .layers import candidates
 from .models import ModelInfo, describe, weights_digest
@@ -67,7 +67,7 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                          f"'attn_drop'); {type(model).__name__} has none. For CNNs use 'gradcam', "
                          "'integrated_gradients' or 'occlusion'")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-    with borrowed(model):
+    with borrowed(model), full_precision():
         x = x.to(device, dtype)
         if logits is None:
             with torch.no_grad():

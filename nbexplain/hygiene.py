@@ -34,6 +34,18 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def full_precision() -> Iterator[None]:
+    """FP32 convolutions and matmuls on CUDA (TF32 off) for the call, so GPU maps match the CPU's;
+    the user's global flags are restored on exit."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@contextmanager
 def unfused_attention(model: nn.Module) -> Iterator[int]:
     """Turn timm's fused attention off so the attention matrix is materialised; yields how many."""
     mods = [m for m in model.modules() if getattr(m, "fused_attn", None) is not None]

@@ -38,8 +38,9 @@ def test_every_method_on_cuda_matches_cpu(arch):
         for ea, eb in zip(a, b):
             scale = ea.raw.abs().max().clamp_min(1e-6)
             err = float((ea.raw - eb.raw).abs().max() / scale)
-            assert err < 2e-2, (name, err)                          # TF32/cuDNN vs CPU kernels
+            assert err < 5e-3, (name, err)            # FP32 (TF32 off during attribution; it gave 7e-2)
     assert hook_count(gpu) == 0 and not gpu.training and all(p.grad is None for p in gpu.parameters())
+    assert torch.backends.cudnn.allow_tf32                          # the user's global flag is restored
 
 
 def test_auto_batch_size_uses_the_gpu_memory():

@@ -46,9 +46,8 @@ def make_baseline(x: torch.Tensor, kind, preprocess, seed: int = 0) -> torch.Ten
     if kind in ("black", "white"):
         return preprocess.normalize(torch.full_like(x[:1], 0.0 if kind == "black" else 1.0)).expand_as(x).clone()
     if kind == "uniform":
-        g = torch.Generator(device=x.device).manual_seed(seed)
-        # one draw shared by the batch, so an image's baseline does not depend on its batch neighbours
-        pixels = torch.rand((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+        g = torch.Generator().manual_seed(seed)          # CPU draw: device-independent
+        pixels = torch.rand((1, *x.shape[1:]), generator=g, dtype=x.dtype).to(x.device)
         return preprocess.normalize(pixels).expand_as(x).clone()
     raise ValueError(f"baseline: unknown {kind!r}; use one of {', '.join(BASELINES)} or a tensor")
 

@@ -25,8 +25,9 @@ def sample_noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, index: int) ->
     One (C,H,W) draw scaled per image by ``sigma`` (N,1,1,1): an image's map does not depend on which
     other images share its batch.
     """
-    g = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + index)
-    return torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) * sigma
+    # drawn on the CPU: the same seed gives the same map on any device (and in nbx.replay)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return torch.randn(x.shape[1:], generator=g, dtype=x.dtype).to(x.device) * sigma
 
 
 def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
