@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 node_modules: package.json package-lock.json
-	npm ci --no-audit --no-fund
+	# npm 11 `npm ci` rejects this lock (rollup platform binaries are listed but not locked);
+	# `npm install` follows the lock for everything that is in it
+	npm install --no-audit --no-fund
 	touch $@
 
 $(BUNDLE): node_modules $(wildcard js/*.js) js/widget.css
