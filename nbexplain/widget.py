@@ -276,7 +276,7 @@ class Explorer(ipywidgets.VBox):
         self.exports = export_bar(self)
         view.on_error = self._show_error
         view.observe(self._clear_errors, names="status")
-        super().__init__([view, ipywidgets.HBox([self.chart, self.exports]), self.errors])
+        super().__init__([view, self.chart, self.exports, self.errors])
 
     def _clear_errors(self, change: dict) -> None:
         if change["new"] == "idle":
