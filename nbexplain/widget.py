@@ -298,6 +298,21 @@ class Explorer(ipywidgets.VBox):
         else:
             super().__setattr__(name, value)
 
+    def trust(self, methods: Sequence[str] | None = None, **kwargs: Any):
+        """A TrustPanel (randomisation, deletion/insertion, agreement) for what the explorer shows now:
+        its image and target, its method with its current parameters, and two other methods."""
+        from .trust.panel import TrustPanel
+        view = self.view
+        result = view.wait()
+        spec = get_method(view.method)
+        current = {p.name: getattr(view, p.name) for p in spec.params}
+        if spec.needs_layer and view.layer:
+            current["layer"] = view.layer
+        others = [m for m in ("gradcam", "integrated_gradients", "occlusion") if m != view.method][:2]
+        session = view._session
+        return TrustPanel(session.model, session.items[view.image].source, list(methods or [view.method, *others]),
+                          target=result.target, params={view.method: current}, **kwargs)
+
     def close(self) -> None:
         self.view.close()
         self.chart.close()

@@ -152,3 +152,13 @@ def test_export_reports_problems_next_to_the_buttons(explorer, tmp_path, monkeyp
         bar.save("gif")
     assert file_name(type("R", (), {"method": "gradcam++", "target": 3, "label": "tiger cat, Felis"})(), "png",
                      datetime.datetime(2025, 1, 2, 3, 4, 5)) == "gradcam_3-tiger-cat_20250102-030405.png"
+
+
+def test_explorer_opens_a_trust_panel_on_what_it_shows(explorer):
+    explorer.view.target = 2
+    explorer.view.layer = "layer1"
+    panel = explorer.trust(groups=["fc", "layer4"])
+    assert panel.methods[0] == "gradcam" and panel.target == 2
+    assert panel.params["gradcam"]["layer"] == "layer1"
+    panel.run()
+    assert panel.report is not None and panel.report.steps == ["layer4", "fc"]
