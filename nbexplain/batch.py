@@ -22,7 +22,7 @@ from .api import attribute
 from .attribution import Attribution
 from .hygiene import borrowed, model_device
 from .models import describe
-from .trust.faithfulness import Curves, input_map
+from .trust.faithfulness import Curves, input_map, perturbed
 from .trust.shortcuts import OUTSIDE_FLAG, fixed_hotspots, outside_share
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -549,7 +549,6 @@ def batched_curves(model: torch.nn.Module, exps: list[Attribution], *, steps: in
                    batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[Curves]:
     """Deletion/insertion curves for many attributions, as ``trust.deletion_insertion`` computes them
     one by one, with the perturbed images of several attributions sharing each forward pass."""
-    from .methods.baselines import gaussian_blur
     if fill not in ("blur", "mean"):
         raise ValueError("fill: use 'blur' or 'mean'")
     fractions = np.linspace(0, 1, steps + 1)
@@ -588,19 +587,7 @@ def batched_curves(model: torch.nn.Module, exps: list[Attribution], *, steps: in
         for k, exp in enumerate(exps):
             if exp.input is None:
                 raise ValueError(f"faithfulness: image {k}'s attribution carries no model input")
-            x = exp.input
-            rank_map = input_map(exp)
-            order = torch.argsort(rank_map.flatten(), descending=True)
-            base = gaussian_blur(x, max(x.shape[2:]) / 16) if fill == "blur" else \
-                x.mean((2, 3), keepdim=True).expand_as(x)
-            n = order.numel()
-            counts = (fractions * n).round().astype(int)
-            rank = torch.empty(n, dtype=torch.long)
-            rank[order] = torch.arange(n)
-            rank = rank.view(1, 1, *x.shape[2:])
-            deleted = torch.cat([torch.where(rank < c, base, x) for c in counts])
-            inserted = torch.cat([torch.where(rank < c, x, base) for c in counts])
-            pending.append((k, torch.cat([deleted, inserted])))
+            pending.append((k, perturbed(exp.input, input_map(exp), fractions, fill)))
             flush()
         flush(force=True)
     return [Curves(fractions, r[:steps + 1], r[steps + 1:], fill) for r in results]

@@ -58,18 +58,24 @@ def deletion_insertion(model, exp: Attribution, *, saliency: np.ndarray | torch.
     rank_map = torch.as_tensor(saliency).float() if saliency is not None else input_map(exp)
     if rank_map.shape != x.shape[2:]:
         raise ValueError(f"saliency: expected a map of shape {tuple(x.shape[2:])}, got {tuple(rank_map.shape)}")
+    fractions = np.linspace(0, 1, steps + 1)
+    probs = _probabilities(model, perturbed(x, rank_map, fractions, fill), exp.target, batch_size)
+    return Curves(fractions, probs[:steps + 1], probs[steps + 1:], fill)
+
+
+def perturbed(x: torch.Tensor, rank_map: torch.Tensor, fractions: np.ndarray, fill: str) -> torch.Tensor:
+    """The deletion images (most relevant pixels replaced by the fill, one per fraction) followed by
+    the insertion images (the fill with the most relevant pixels put back)."""
     order = torch.argsort(rank_map.flatten(), descending=True)
     base = gaussian_blur(x, max(x.shape[2:]) / 16) if fill == "blur" else x.mean((2, 3), keepdim=True).expand_as(x)
     n = order.numel()
-    fractions = np.linspace(0, 1, steps + 1)
-    counts = (fractions * n).round().astype(int)
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n)
     rank = rank.view(1, 1, *x.shape[2:])
-    deleted = torch.cat([torch.where(rank < k, base, x) for k in counts])
-    inserted = torch.cat([torch.where(rank < k, x, base) for k in counts])
-    probs = _probabilities(model, torch.cat([deleted, inserted]), exp.target, batch_size)
-    return Curves(fractions, probs[:len(counts)], probs[len(counts):], fill)
+    counts = (fractions * n).round().astype(int)
+    deleted = [torch.where(rank < k, base, x) for k in counts]
+    inserted = [torch.where(rank < k, x, base) for k in counts]
+    return torch.cat(deleted + inserted)
 
 
 def _probabilities(model, xs: torch.Tensor, target: int, batch_size: int) -> np.ndarray:
