@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import platform
-import time
 from typing import Any, Callable, MutableMapping, Sequence
 
 import numpy as np

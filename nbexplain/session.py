@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .methods import REGISTRY, get as get_method
+from .methods import get as get_method
 from .api import Run, compute, package
 from .attribution import Attribution
 from .context import Context

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..attribution import Attribution, display_map
 from ..hygiene import borrowed, model_device
-from ..images import prepare
 from ..methods.baselines import gaussian_blur
-from ..models import describe
 
 
 @dataclass
