@@ -68,18 +68,22 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
     with borrowed(model), full_precision():
         x = x.to(device, dtype)
-        if logits is None:
-            with torch.no_grad():
-                logits = model(x)
-        if logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"model: expected class scores of shape (N, classes), got {tuple(logits.shape)}; "
-                             "wrap the model so it returns logits")
-        targets = resolve_targets(target, logits, info.labels).to(device)
-        ctx = Context(model, x, targets, info.preprocess, batch_size or auto_batch_size(x, device),
+
+        def choose(seen: torch.Tensor) -> torch.Tensor:
+            if seen.ndim != 2 or seen.shape[0] != x.shape[0]:
+                raise ValueError(f"model: expected class scores of shape (N, classes), got {tuple(seen.shape)}; "
+                                 "wrap the model so it returns logits")
+            return resolve_targets(target, seen, info.labels)
+
+        ctx = Context(model, x, choose, info.preprocess, batch_size or auto_batch_size(x, device),
                       memo=memo if memo is not None else {}, progress=progress, layer_name=layer,
                       keep_intermediates=keep_intermediates)
+        if logits is not None:
+            ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
-    return Run(spec, params, raw.detach(), targets.cpu(), logits.detach().cpu(), ctx.meta, ctx.per_image, device)
+        targets = ctx.targets                      # a method that never looked at x still gets them
+        logits = ctx.logits
+    return Run(spec, params, raw.detach(), targets.cpu(), logits.cpu(), ctx.meta, ctx.per_image, device)
 
 
 def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:

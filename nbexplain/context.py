@@ -19,7 +19,7 @@ class Context:
 
     model: nn.Module
     x: torch.Tensor                       # (N,C,H,W) on the model's device, never modified
-    targets: torch.Tensor                 # (N,) long
+    choose: Callable[[torch.Tensor], torch.Tensor]   # logits at x -> (N,) target classes
     preprocess: Preprocess | None
     batch_size: int                       # samples per forward/backward in expanded work
     memo: MutableMapping = field(default_factory=dict)   # reusable partial results (pipeline cache)
@@ -28,7 +28,27 @@ class Context:
     per_image: dict = field(default_factory=dict)        # reports with one value per image (IG's delta)
     layer_name: str | None = None
     keep_intermediates: bool = False     # keep per-point gradients in memo (the widget refines them later)
+    logits: torch.Tensor | None = None   # at x, from the first pass that saw exactly x
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
+    _targets: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    # --- targets -----------------------------------------------------------------------------------
+    @property
+    def targets(self) -> torch.Tensor:
+        """(N,) target classes. Chosen from the logits of the first pass at x: a method whose own first
+        pass is at x (saliency, CAMs, attention) needs no separate forward to know its target."""
+        if self._targets is None:
+            with torch.no_grad():
+                self.seen(self.forward(self.x))
+        return self._targets
+
+    def seen(self, logits: torch.Tensor) -> torch.Tensor:
+        """Record the logits of a pass at exactly x; returns the targets (chosen now if still open)."""
+        if self.logits is None:
+            self.logits = logits.detach()
+        if self._targets is None:
+            self._targets = self.choose(self.logits).to(self.x.device)
+        return self._targets
 
     # --- basic passes ------------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
@@ -45,14 +65,23 @@ class Context:
                 out.append(logits.gather(1, targets[i:i + self.batch_size, None])[:, 0])
         return torch.cat(out)
 
-    def input_grads(self, xs: torch.Tensor, targets: torch.Tensor,
+    def input_grads(self, xs: torch.Tensor, targets: torch.Tensor | None,
                     hooks: Callable[[], object] = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-        """d target-logit / d input for a batch, chunked; also returns the target logits."""
+        """d target-logit / d input for a batch, chunked; also returns the target logits.
+
+        ``targets=None`` means ``xs`` is x itself with its own targets: when x fits in one chunk,
+        its logits from this very pass choose the targets (no extra forward).
+        """
+        at_x = targets is None
+        if at_x and len(xs) > self.batch_size:
+            targets = self.targets
         grads, scores = [], []
         for i in range(0, len(xs), self.batch_size):
             xi = xs[i:i + self.batch_size].detach().requires_grad_(True)
             with torch.enable_grad(), hooks():
-                score = self.forward(xi).gather(1, targets[i:i + self.batch_size, None])[:, 0]
+                logits = self.forward(xi)
+                t = self.seen(logits) if targets is None else targets[i:i + self.batch_size]
+                score = logits.gather(1, t[:, None])[:, 0]
                 (g,) = torch.autograd.grad(score.sum(), xi)
             grads.append(g)
             scores.append(score.detach())
@@ -117,13 +146,14 @@ class Context:
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
                 forward_hooks((modules[layer.name], hook_for(layer.name)) for layer in layers):
             logits = self.forward(x)
+            targets = self.seen(logits)
             missing = [layer.name for layer in layers if layer.name not in outputs]
             if missing:
                 raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
             grads = None
             wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
             if gradients or input_grad:
-                score = logits.gather(1, self.targets[:, None]).sum()
+                score = logits.gather(1, targets[:, None]).sum()
                 got = torch.autograd.grad(score, wrt, allow_unused=True)
                 got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
         hw = tuple(self.x.shape[2:])
@@ -159,13 +189,14 @@ class Context:
         with unfused_attention(self.model), forward_hooks((m, hook) for m in mods), \
                 torch.enable_grad() if gradients else torch.no_grad():
             logits = self.forward(x)
+            targets = self.seen(logits)
             if not maps:
                 raise ValueError("attention: no attention matrix was captured; the model has no timm-style "
                                  "'attn_drop' after its softmax. Attention methods need a timm Vision "
                                  "Transformer (ViT, DeiT, EVA...); use 'gradcam' on a block's norm1 instead")
             grads = None
             if gradients:
-                score = logits.gather(1, self.targets[:, None]).sum()
+                score = logits.gather(1, targets[:, None]).sum()
                 grads = [g.detach() for g in torch.autograd.grad(score, maps)]
         self.report(1.0)
         return [m.detach() for m in maps], grads

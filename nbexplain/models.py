@@ -1,6 +1,7 @@
 """Load models (embedded offline default, synthetic, timm, torchvision) and describe any model."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -75,10 +76,13 @@ def imagenet_labels(model: nn.Module) -> tuple[str, ...] | None:
     if n is None:
         last = [m for m in model.modules() if isinstance(m, nn.Linear)]
         n = last[-1].out_features if last else None
-    if n != 1000:
-        return None
+    return _imagenet_names() if n == 1000 else None
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_names() -> tuple[str, ...]:
     from timm.data import ImageNetInfo
-    info = ImageNetInfo()
+    info = ImageNetInfo()                   # reads a file: ~40 ms, so once per process
     return tuple(info.index_to_description(i) for i in range(1000))
 
 

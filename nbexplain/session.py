@@ -116,7 +116,8 @@ class Session:
             return memo                       # filled lazily by the methods (IG points, noise sums)
         x = up["preprocess"].x.to(model_device(self.model))
         target = torch.tensor([self._target(state, up["forward"])], device=x.device)
-        ctx = Context(self.model, x, target, self.info.preprocess, 1, memo=memo, progress=self.progress)
+        ctx = Context(self.model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
+                      progress=self.progress)
         with self.lock, borrowed(self.model):
             if fam == "cam":
                 ctx.capture_all(candidates(self.model, tuple(x.shape)))

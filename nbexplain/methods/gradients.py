@@ -47,18 +47,18 @@ def _guided_backprop(ctx: Context, xs: torch.Tensor, targets: torch.Tensor) -> t
           summary="Gradient of the class score w.r.t. the pixels (map: max |gradient| over channels).",
           reference="Simonyan et al. 2014")
 def saliency(ctx: Context) -> torch.Tensor:
-    return _saliency(ctx, ctx.x, ctx.targets)
+    return _saliency(ctx, ctx.x, None)
 
 
 @register("gradient_x_input", kind="pixel", signed=True,
           summary="Gradient times the input: a first-order contribution of each pixel.",
           reference="Shrikumar et al. 2016")
 def gradient_x_input(ctx: Context) -> torch.Tensor:
-    return _gradient_x_input(ctx, ctx.x, ctx.targets)
+    return _gradient_x_input(ctx, ctx.x, None)
 
 
 @register("guided_backprop", kind="pixel", signed=False, reduce="absmax",
           summary="Gradient with negative gradients stopped at every ReLU (needs ReLU modules).",
           reference="Springenberg et al. 2015")
 def guided_backprop(ctx: Context) -> torch.Tensor:
-    return _guided_backprop(ctx, ctx.x, ctx.targets)
+    return _guided_backprop(ctx, ctx.x, None)

@@ -112,7 +112,7 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
         f_b = seen.get(0.0, f_b) if f_b is None else f_b
         f_x = seen.get(1.0, f_x) if f_x is None else f_x
         f_b = end_score(ctx, b, ("ig_end", bkey, 0.0), store) if f_b is None else f_b
-        f_x = end_score(ctx, ctx.x, ("ig_end", bkey, 1.0), store) if f_x is None else f_x
+        f_x = ctx.logits.gather(1, ctx.targets[:, None])[:, 0] if f_x is None else f_x   # f at x is known
         gap = f_x - f_b
         delta = attr.flatten(1).sum(1) - gap
         relative = delta.abs() / gap.abs().clamp_min(1e-12)

@@ -35,7 +35,7 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
     ph, pw = min(patch, h), min(patch, w)
     filled = make_baseline(x, fill, ctx.preprocess)
     spots = [(y, xx) for y in windows(h, ph, stride) for xx in windows(w, pw, stride)]
-    base = ctx.scores(x, t)
+    base = ctx.logits.gather(1, t[:, None])[:, 0]            # the pass that chose the targets
     total = torch.zeros(n, 1, h, w, device=x.device)
     count = torch.zeros(1, 1, h, w, device=x.device)
     per_chunk = max(1, ctx.batch_size // n)
