@@ -33,25 +33,39 @@ class Record:
         return {"name": self.stage, "ran": self.ran, "ms": round(self.ms, 2)}
 
 
-def nbytes(value: Any, _depth: int = 0) -> int:
-    """Approximate memory held by a cached value (tensors and arrays dominate)."""
-    if _depth > 6:
-        return 0
-    if isinstance(value, torch.Tensor):
-        return value.element_size() * value.nelement()
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, (bytes, bytearray)):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(nbytes(k, _depth + 1) + nbytes(v, _depth + 1) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(nbytes(v, _depth + 1) for v in value)
-    if is_dataclass(value) and not isinstance(value, type):
-        return sum(nbytes(getattr(value, f.name), _depth + 1) for f in fields(value))
-    if hasattr(value, "tobytes") and hasattr(value, "size"):      # PIL images
-        return int(np.prod(getattr(value, "size", (0,)))) * 4
-    return 64
+def nbytes(value: Any) -> int:
+    """Approximate memory held by a cached value; a tensor storage shared by several entries (the CAM
+    workspace files one capture under every layer's key) counts once."""
+    seen: set[int] = set()
+
+    def size(v: Any, depth: int) -> int:
+        if depth > 6:
+            return 0
+        if isinstance(v, torch.Tensor):
+            storage = v.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+        if isinstance(v, np.ndarray):
+            base = v.base if v.base is not None else v
+            if id(base) in seen:
+                return 0
+            seen.add(id(base))
+            return v.nbytes
+        if isinstance(v, (bytes, bytearray)):
+            return len(v)
+        if isinstance(v, dict):
+            return sum(size(k, depth + 1) + size(x, depth + 1) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return sum(size(x, depth + 1) for x in v)
+        if is_dataclass(v) and not isinstance(v, type):
+            return sum(size(getattr(v, f.name), depth + 1) for f in fields(v))
+        if hasattr(v, "tobytes") and hasattr(v, "size"):          # PIL images
+            return int(np.prod(getattr(v, "size", (0,)))) * 4
+        return 64
+
+    return size(value, 0)
 
 
 class ByteLRU:
@@ -102,11 +116,11 @@ class ByteLRU:
         return len(self._items)
 
     def _evict(self) -> None:
-        while self.bytes > self.max_bytes and len(self._items) > 1:
+        """Drop least-recently-used entries until within budget; the newest entry is dropped last,
+        and only if it alone exceeds the budget (it is still returned to its caller, just not kept)."""
+        while self.bytes > self.max_bytes and self._items:
             _, (_, size) = self._items.popitem(last=False)
             self.bytes -= size
-        if self.bytes > self.max_bytes and self._items:        # a single value bigger than the budget
-            self.clear()
 
 
 def digest(*parts: Any) -> str:

@@ -229,3 +229,27 @@ def test_pixels_outside_the_models_crop_carry_no_attribution(cnn):
     assert np.isfinite(shown[:, 20:76]).all()
     assert w.result.meta["crop_box"] == [16.0, 0.0, 80.0, 64.0]
     w.close()
+
+
+def test_shared_tensors_count_once_in_the_cache_budget():
+    from nbexplain.pipeline import ByteLRU, nbytes
+    t = torch.zeros(1000)                                            # 4,000 bytes
+    assert nbytes((t,)) == nbytes((t, t, [t[10:]])) == 4000
+    cache = ByteLRU(10_000)
+    cache.put("small", torch.zeros(100))
+    cache.put("huge", torch.zeros(10_000))                           # alone over budget: not kept...
+    assert "huge" not in cache and cache.bytes <= 10_000
+    cache.put("small2", torch.zeros(100))
+    assert "small2" in cache
+
+
+def test_resnet_sized_cam_workspace_stays_cached(images):
+    import timm
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
+    w = nbx.explain(model, images, preprocess=nbx.Preprocess(size=224, mean=(0.5,) * 3, std=(0.5,) * 3),
+                    labels=list("abcd"), cache_bytes=256 * 2**20)
+    w.wait()
+    for layer in ("layer3", "layer4", "layer1"):                      # the capture of every layer is kept
+        assert change(w, layer=layer) == {"attribution", "display"}
+        assert stage(w, "attribution")["evaluations"] == 0
+    w.close()
