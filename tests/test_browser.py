@@ -26,6 +26,8 @@ from browser_support import (
     ROOT,
     ROOT_DATA_JS,
     SERVER_PYTHON,
+    KERNEL_IDLE_JS,
+    TIMEOUT_MS,
     JupyterServer,
     arm_latency,
     artifacts_dir,
@@ -54,6 +56,15 @@ README_CELLS = [
     "model = nbx.load_model()\n"
     "photos = [nbx.sample_image(n) for n in ('cat', 'coffee', 'astronaut')]",
     "w = nbx.explain(model, photos, image_labels=['cat', 'coffee', 'astronaut'], method='gradcam', opacity=0.5)\nw",
+]
+TRUST_CELLS = [
+    "import nbexplain as nbx\n"
+    "from nbexplain.synthetic import make_batch\n"
+    "model = nbx.load_model('synthetic-cnn-hans')\n"
+    "b = make_batch(6, seed=2, stamp=True)",
+    "g = nbx.gallery(model, list(b['images']), 'gradient_x_input', masks=list(b['object_mask']), columns=3)\ng",
+    "p = nbx.TrustPanel(model, b['images'][0], methods=['gradcam', 'saliency'], groups=['fc', 'layer4'])\n"
+    "p.run()\np",
 ]
 WIDGET_OUTPUT = ".jp-OutputArea-output:has(.nbx-root)"
 LATENCY: dict[str, dict] = {}
@@ -102,7 +113,8 @@ def browser():
 @pytest.fixture(scope="module")
 def notebooks(tmp_path_factory) -> list[Path]:
     d = tmp_path_factory.mktemp("e2e-notebooks")
-    return [write_notebook(d / "e2e.ipynb", E2E_CELLS), write_notebook(d / "readme.ipynb", README_CELLS)]
+    return [write_notebook(d / "e2e.ipynb", E2E_CELLS), write_notebook(d / "readme.ipynb", README_CELLS),
+            write_notebook(d / "trust.ipynb", TRUST_CELLS)]
 
 
 @pytest.fixture(scope="module", params=["lab", "notebook"])
@@ -363,5 +375,27 @@ def test_readme_screenshot(page, browser):
         if os.environ.get("NBX_UPDATE_DOCS") == "1":
             (ROOT / "docs").mkdir(exist_ok=True)
             shutil.copy(shot, ROOT / "docs" / "screenshot.png")
+    finally:
+        context.close()
+
+
+def test_gallery_and_trust_panel_render_and_open_the_explorer(browser, jupyter):
+    """The batch gallery shows its thumbnails with flags, the trust panel draws its bqplot curves, and a
+    card's "open" button brings up an explorer that draws its map."""
+    context = browser.new_context(viewport={"width": 1280, "height": 1400})
+    pg = context.new_page()
+    try:
+        pg.goto(jupyter.notebook_url("trust.ipynb"))
+        pg.wait_for_function(KERNEL_IDLE_JS, timeout=TIMEOUT_MS)
+        pg.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        pg.wait_for_function("() => document.querySelectorAll('img.widget-image').length >= 6", timeout=TIMEOUT_MS)
+        pg.wait_for_function("() => [...document.querySelectorAll('.bqplot path.curve, .bqplot path.line')]"
+                             ".some(p => (p.getAttribute('d') || '').length > 20)", timeout=TIMEOUT_MS)
+        assert pg.locator("text=flagged").count() >= 1                     # the marker model is caught
+        pg.screenshot(path=str(artifacts_dir() / f"{jupyter.flavor}_trust.png"), full_page=True)
+        pg.locator("button:has-text('open')").first.click()
+        pg.wait_for_selector('.nbx-root[data-ready="1"]', timeout=TIMEOUT_MS)
+        pg.wait_for_function("() => !!document.querySelector('.nbx-root').dataset.drawnMethod", timeout=TIMEOUT_MS)
+        assert kernel_json(pg, "g.selected") == 0
     finally:
         context.close()
