@@ -38,6 +38,8 @@ demo: $(STAMP) $(BUNDLE)
 
 bench: $(STAMP) $(BUNDLE)
 	$(PY) benchmarks/run.py
+	# slider -> redrawn canvas per control, in JupyterLab and Notebook 7: bench-results/latency.json
+	NBX_E2E_ARTIFACTS=bench-results $(PY) -m pytest -q tests/test_browser.py -k "slider or select or view_controls"
 
 clean:
 	rm -rf $(VENV) node_modules nbexplain/static
