@@ -418,3 +418,18 @@ def test_float64_model_with_float64_input(cnn):
     model = copy.deepcopy(cnn).double()
     out = nbx.attribute(model, make_input(1, 64)[0].double(), "saliency", target=3)
     assert out.raw.shape == (1, 3, 64, 64)
+
+
+def test_ig_auto_says_when_it_stopped_short(monkeypatch):
+    from nbexplain.methods import integrated as ig
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 64), torch.nn.Tanh(),
+                                torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).eval()
+    x = torch.randn(1, 3, 4, 4) * 3
+    monkeypatch.setattr(ig, "MAX_AUTO_STEPS", 3)                   # only the first grid is allowed
+    with pytest.warns(UserWarning, match="without reaching tolerance"):
+        out = nbx.attribute(model, x, "integrated_gradients", steps="auto", baseline="zeros", tolerance=1e-6)[0]
+    assert out.meta["steps"] == 4 and any("tolerance" in w for w in out.meta["warnings"])
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).eval()
+    exact = nbx.attribute(linear, x, "integrated_gradients", steps="auto", baseline="zeros")[0]
+    assert exact.meta["steps"] == 4 and abs(exact.delta) < 1e-4        # linear: exact at the first grid

@@ -1,6 +1,8 @@
 """Integrated Gradients with captum's quadrature rules, completeness delta and nested-grid refinement."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -39,9 +41,11 @@ def quadrature(rule: str, n: int) -> tuple[list[float], list[float]]:
 def refinements(rule: str, start: int = 4):
     """Step counts whose grids nest (each adds points to the last), for steps='auto'."""
     n = {"riemann_trapezoid": 3, "riemann_middle": 3}.get(rule, start)
-    while n <= MAX_AUTO_STEPS:
-        yield n
+    while True:
+        yield n                                  # the first grid always runs, even above the cap
         n = 2 * n - 1 if rule == "riemann_trapezoid" else 3 * n if rule == "riemann_middle" else 2 * n
+        if n > MAX_AUTO_STEPS:
+            return
 
 
 def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: int, store: dict | None):
@@ -116,8 +120,17 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
         gap = f_x - f_b
         delta = attr.flatten(1).sum(1) - gap
         relative = delta.abs() / gap.abs().clamp_min(1e-12)
-        if steps != "auto" or bool((relative <= tolerance).all()):
+        # when f(x) and f(baseline) nearly coincide, a relative delta can never get small: the stop
+        # test also accepts |delta| within tolerance x 1% of the score's own size
+        floor = 0.01 * torch.maximum(f_x.abs(), f_b.abs()).clamp_min(1.0)
+        converged = bool((delta.abs() <= tolerance * torch.maximum(gap.abs(), floor)).all())
+        if steps != "auto" or converged:
             break
+    if steps == "auto" and not converged:
+        msg = (f"integrated_gradients: steps='auto' stopped at {n} steps without reaching tolerance={tolerance} "
+               f"(relative delta {max(relative.tolist()):.3g}); the map is less reliable than asked")
+        warnings.warn(msg, stacklevel=3)
+        ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
     ctx.meta["steps"] = n
     ctx.per_image.update(delta=delta.tolist(), relative_delta=relative.tolist(),
                     f_x=f_x.tolist(), f_baseline=f_b.tolist())
