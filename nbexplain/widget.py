@@ -195,11 +195,10 @@ class ExplorerView(anywidget.AnyWidget):
             updates["_layers"] = session.layers(state)
             updates["_image"] = _array(shown.image)
         result = shown.result
+        # the pixels (up to 1 MB) travel only when the image changes; the map on every update
         updates["_map"] = _array(shown.map, signed=result.signed, method=result.method, target=result.target,
                                  label=result.label or str(result.target))
-        updates["_image"] = _array(shown.image)
-        updates["delta"] = float(result.delta[0] if isinstance(result.delta, list) else result.delta) \
-            if result.delta is not None else None
+        updates["delta"] = float(result.delta) if result.delta is not None else None
         updates["layer_used"] = result.meta.get("layer") or ""
         updates["_compare_maps"] = self._compare_maps_for(state)
         self._shown_image = state["image"]

@@ -253,3 +253,16 @@ def test_resnet_sized_cam_workspace_stays_cached(images):
         assert change(w, layer=layer) == {"attribution", "display"}
         assert stage(w, "attribution")["evaluations"] == 0
     w.close()
+
+
+def test_image_pixels_are_sent_only_when_the_image_changes(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    sent = []
+    w.view.observe(lambda change: sent.append(change["name"]), names=["_image", "_map"])
+    change(w, method="layercam")
+    change(w, target=(w.result.target + 1) % 4)
+    assert sent == ["_map", "_map"]
+    change(w, image=1)
+    assert "_image" in sent and sent[-1] == "_map"
+    w.close()
