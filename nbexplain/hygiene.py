@@ -1,11 +1,28 @@
 """Context managers that leave the user's model exactly as they found it."""
 from __future__ import annotations
 
+import threading
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per model: hooks are module state, so two threads explaining the same
+    model at once (a widget computing while the notebook calls nbx.attribute) would see each
+    other's hooks. Every borrowed() holds it."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 @contextmanager
@@ -16,6 +33,11 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     states intact, and freezing parameters means autograd only ever produces input gradients,
     so ``.grad`` of the user's parameters is never touched.
     """
+    with model_lock(model):
+        yield from _borrowed(model)
+
+
+def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
     # only what differs is changed and restored: setting ~10k module flags per call is measurable
     training = [m for m in model.modules() if m.training]
     grads = [p for p in model.parameters() if p.requires_grad]

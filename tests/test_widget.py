@@ -266,3 +266,23 @@ def test_image_pixels_are_sent_only_when_the_image_changes(cnn, images):
     change(w, image=1)
     assert "_image" in sent and sent[-1] == "_map"
     w.close()
+
+
+def test_attribute_while_a_widget_computes_on_the_same_model(images):
+    """Hooks are module state: a notebook call during a widget's background work must not mix them."""
+    from concurrent.futures import ThreadPoolExecutor
+    model = nbx.load_model("synthetic-cnn")                          # fresh: its layer probe is not cached
+    batch = list(make_batch(8, seed=0)["images"])
+    expected = [nbx.attribute(nbx.load_model("synthetic-cnn"), im, "gradcam").raw for im in batch]
+    with ThreadPoolExecutor(4) as pool:
+        widgets = [pool.submit(nbx.explain, model, images, method=m, compare=["saliency"])
+                   for m in ("gradcam", "layercam", "integrated_gradients")]
+        results = [pool.submit(nbx.attribute, model, batch, "gradcam") for _ in range(3)]
+        for r in results:
+            for got, want in zip(r.result(), expected):
+                torch.testing.assert_close(got.raw, want, rtol=1e-5, atol=1e-6)
+        for w in widgets:
+            w.result().wait()
+            w.result().close()
+    from nbexplain.hygiene import hook_count
+    assert hook_count(model) == 0
