@@ -99,3 +99,19 @@ def _quiet_reference_libraries():
         warnings.filterwarnings("ignore", message=".*required_grads has been set automatically.*")
         warnings.filterwarnings("ignore", message=".*Setting backward hooks on ReLU activations.*")
         yield
+
+
+@pytest.fixture
+def edge_foil():
+    """A deliberately weight-independent 'explanation' (the input's edges), registered for one test: it
+    must FAIL the randomisation test. Adding a method is one decorated function."""
+    from nbexplain.methods import REGISTRY, register
+
+    @register("edges_foil", kind="pixel", signed=False, summary="Sobel-like edges of the input (a foil)")
+    def edges_foil(ctx):
+        g = ctx.x.mean(1, keepdim=True)
+        gx = torch.nn.functional.pad(g[..., 1:] - g[..., :-1], (0, 1))
+        gy = torch.nn.functional.pad(g[..., 1:, :] - g[..., :-1, :], (0, 0, 0, 1))
+        return (gx.abs() + gy.abs()).expand_as(ctx.x)
+    yield "edges_foil"
+    REGISTRY.pop("edges_foil")

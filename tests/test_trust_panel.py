@@ -8,12 +8,10 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import nbexplain as nbx
 from nbexplain.export_bar import ExportBar, export_bar, file_name
-from nbexplain.methods import REGISTRY, register
 from nbexplain.synthetic import make_batch
 from nbexplain.trust import layer_groups
 from nbexplain.trust.panel import TrustPanel
@@ -29,21 +27,8 @@ def image():
     return make_batch(2, seed=31)["images"][0]
 
 
-@pytest.fixture
-def edges():
-    """A weight-independent 'explanation' (the input's edges): it must FAIL the randomisation test."""
-    @register("edges_foil", kind="pixel", signed=False, summary="Sobel-like edges of the input (a foil)")
-    def edges_foil(ctx):
-        g = ctx.x.mean(1, keepdim=True)
-        gx = torch.nn.functional.pad(g[..., 1:] - g[..., :-1], (0, 1))
-        gy = torch.nn.functional.pad(g[..., 1:, :] - g[..., :-1, :], (0, 0, 0, 1))
-        return (gx.abs() + gy.abs()).expand_as(ctx.x)
-    yield "edges_foil"
-    REGISTRY.pop("edges_foil")
-
-
-def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image, edges):
-    methods = ["gradcam", "saliency", edges]
+def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image, edge_foil):
+    methods = ["gradcam", "saliency", edge_foil]
     panel = TrustPanel(cnn, image, methods=methods)
     assert len(panel.random_lines.x) == 0 and "Press Run checks" in panel.reading.value
     assert panel.run() is panel
@@ -53,7 +38,7 @@ def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image
     assert np.allclose(panel.random_lines.y[:, 0], 1)
     np.testing.assert_allclose(panel.random_lines.y[:, 1:], [panel.report.scores[m]["spearman_abs"] for m in methods])
     assert list(panel.threshold_line.y) == [0.5, 0.5]
-    assert panel.report.passed == {"gradcam": True, "saliency": True, edges: False}
+    assert panel.report.passed == {"gradcam": True, "saliency": True, edge_foil: False}
     assert [s.split(":")[1].strip() for s in panel.random_lines.labels] == ["PASS", "PASS", "FAIL"]
     text = panel.reading.value
     assert "PASS" in text and "FAIL" in text and "below <b>0.5</b>" in text
@@ -70,7 +55,7 @@ def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image
     assert color.shape == (3, 3) and np.allclose(np.diag(color), 1) and np.allclose(color, color.T)
     assert list(panel.agreement_map.row) == methods
     # warnings: the foil fails; the disagreement line appears exactly when the methods disagree
-    assert any(edges in w and "randomisation" in w for w in panel.warnings)
+    assert any(edge_foil in w and "randomisation" in w for w in panel.warnings)
     assert "⚠" in panel.warning.value
     assert ("methods disagree" in panel.warning.value) == panel.agreement.disagree
     assert panel.status.value.startswith("done") and panel.progress.value == panel.progress.max
