@@ -11,11 +11,13 @@ from torch import nn
 from .hygiene import forward_hooks, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
+from .speed import input_format
 
 
 @dataclass
 class Context:
-    """One attribution call. Every pass runs under ``hygiene.borrowed`` (set up by the caller)."""
+    """One attribution call. Every pass runs under ``hygiene.borrowed`` (set up by the caller, around
+    the construction too: choosing the input's memory format may probe the model)."""
 
     model: nn.Module
     x: torch.Tensor                       # (N,C,H,W) on the model's device, never modified
@@ -31,6 +33,10 @@ class Context:
     logits: torch.Tensor | None = None   # at x, from the first pass that saw exactly x
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
     _targets: torch.Tensor | None = field(default=None, init=False, repr=False)
+    memory_format: torch.memory_format = field(default=torch.contiguous_format, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.memory_format = input_format(self.model, self.x)
 
     # --- targets -----------------------------------------------------------------------------------
     @property
@@ -54,7 +60,7 @@ class Context:
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """Every model pass goes through here, so callers can see how many samples were evaluated."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
-        return self.model(xs)
+        return self.model(xs.contiguous(memory_format=self.memory_format))
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""

@@ -80,12 +80,20 @@ def scorecam(A, G, ctx):
     lo = up.flatten(2).amin(2)[:, :, None, None]
     hi = up.flatten(2).amax(2)[:, :, None, None]
     masks = (up - lo) / (hi - lo + 1e-8)                      # (N, C, H, W)
+    # a constant channel (dead after a ReLU, say) masks the image to exactly zero: all such channels
+    # share one score, so they cost one forward, not one each
+    flat = (hi == lo)[:, :, 0, 0]
     scores = torch.empty(n, c, device=A.device)
     for i in range(n):
-        for j in range(0, c, ctx.batch_size):
-            m = masks[i, j:j + ctx.batch_size, None]
-            scores[i, j:j + len(m)] = ctx.scores(ctx.x[i:i + 1] * m, ctx.targets[i].repeat(len(m)))
-            ctx.report((i * c + j + len(m)) / (n * c))
+        live = (~flat[i]).nonzero()[:, 0]
+        order = torch.cat([live, flat[i].nonzero()[:1, 0]])   # the live channels, then one dead
+        for j in range(0, len(order), ctx.batch_size):
+            idx = order[j:j + ctx.batch_size]
+            m = masks[i, idx, None]
+            scores[i, idx] = ctx.scores(ctx.x[i:i + 1] * m, ctx.targets[i].repeat(len(m)))
+            ctx.report((i + (j + len(idx)) / len(order)) / n)
+        if len(live) < c:
+            scores[i, flat[i]] = scores[i, order[-1]]
     return _weighted(A, scores.softmax(1))
 
 

@@ -1,0 +1,81 @@
+"""The CPU fast path: channels-last inputs for CNNs, never at the cost of a different answer."""
+from __future__ import annotations
+
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from torch import nn
+
+import nbexplain as nbx
+from nbexplain.hygiene import borrowed, hook_count
+from nbexplain.speed import input_format
+from conftest import TARGET, assert_close, make_input
+
+
+class FlattensWithView(nn.Module):
+    """A CNN whose head assumes NCHW strides: ``.view`` on a feature map fails on channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=4))
+        self.head = nn.Linear(8 * 24 * 24, 10)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.head(f.view(f.shape[0], -1))
+
+
+class PermutesAsIfNCHW(nn.Module):
+    """Reads raw storage order (``as_strided``): runs in either format but gives other logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1))
+        self.head = nn.Linear(4 * 96 * 96, 10)
+
+    def forward(self, x):
+        f = self.conv(x)
+        flat = f.as_strided((f.shape[0], f[0].numel()), (f[0].numel(), 1))
+        return self.head(flat)
+
+
+def test_cnns_run_channels_last_on_cpu_and_vits_do_not(zoo):
+    x = make_input()
+    for arch, expected in (("resnet", torch.channels_last), ("efficientnet", torch.channels_last),
+                           ("vit", torch.contiguous_format)):
+        with borrowed(zoo(arch)):
+            assert input_format(zoo(arch), x) == expected, arch
+
+
+def test_channels_last_results_match_captum(zoo):
+    model, x = zoo("resnet"), make_input()
+    with borrowed(model):
+        assert input_format(model, x) == torch.channels_last
+    ours = nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=16, rule="riemann_right",
+                          baseline="zeros")
+    ref = IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=16, method="riemann_right")
+    assert_close(ours[0].raw, ref)
+
+
+def test_models_that_assume_nchw_strides_keep_nchw():
+    for model in (FlattensWithView().eval(), PermutesAsIfNCHW().eval()):
+        x = make_input()
+        params = {k: v.clone() for k, v in model.state_dict().items()}
+        with borrowed(model):
+            assert input_format(model, x) == torch.contiguous_format, type(model).__name__
+        ours = nbx.attribute(model, x, "saliency", target=3)
+        ref = Saliency(model).attribute(x.clone(), target=3, abs=False)
+        assert_close(ours[0].raw, ref)
+        # the probe left the model as it was
+        assert hook_count(model) == 0 and not model.training
+        assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_probe_runs_in_eval_mode_and_restores_train_mode(zoo):
+    model, x = zoo("resnet"), make_input(size=80)        # a new shape: a fresh probe
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    nbx.attribute(model, x, "saliency", target=TARGET)
+    assert model.training
+    assert all(torch.equal(stats[k], model.state_dict()[k]) for k in stats), "BN statistics moved"
