@@ -248,8 +248,16 @@ def ours(model, x, method, targets, bs, **params):
     return run
 
 
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+class NHWC(torch.nn.Module):
+    """The model fed channels-last inputs, as nbexplain feeds CNNs on the CPU (a peer's own input
+    handling, e.g. captum's path interpolation, would otherwise turn an NHWC input back into NCHW)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
 def captum_fn(model, x, kind, targets, bs, **kw):
@@ -533,14 +541,14 @@ def bench_model(b: Bench, name: str) -> None:
         # --- saliency
         b.run_row(dict(base, method="saliency", label="saliency"), ours(model, x, "saliency", targets, bs),
                   [Peer("captum", captum_fn(model, x, "saliency", targets, bs),
-                        twin=captum_fn(model, nhwc(x), "saliency", targets, bs))])
+                        twin=captum_fn(NHWC(model), x, "saliency", targets, bs))])
 
         # --- guided backprop
         if restricted_batch and name != CHEAP:
             b.skip(name, batch, "guided backprop, gradcam++, layercam", f"CPU budget (batch > 1: saliency and "
                                                                           f"gradcam only, except on {CHEAP})")
         peers = [Peer("captum", captum_fn(model, x, "guided_backprop", targets, bs),
-                      twin=captum_fn(model, nhwc(x), "guided_backprop", targets, bs),
+                      twin=captum_fn(NHWC(model), x, "guided_backprop", targets, bs),
                       check="equal" if not relu6 else "differs",
                       note="" if not relu6 else "captum hooks nn.ReLU only; this model uses ReLU6 (captum "
                                                 "returns the plain gradient)")]
@@ -594,10 +602,10 @@ def bench_model(b: Bench, name: str) -> None:
             b.run_row(dict(base, method="occlusion", label=f"occlusion {p}/{st}"),
                       ours(model, x, "occlusion", targets, bs, patch=p, stride=st, fill="zeros"),
                       [Peer("captum", captum_fn(model, x, "occlusion", targets, bs, patch=p, stride=st),
-                            twin=captum_fn(model, nhwc(x), "occlusion", targets, bs, patch=p, stride=st)),
+                            twin=captum_fn(NHWC(model), x, "occlusion", targets, bs, patch=p, stride=st)),
                        Peer("captum (default: 1 window per forward)",
                             captum_fn(model, x, "occlusion", targets, bs, patch=p, stride=st, ppe=1),
-                            twin=captum_fn(model, nhwc(x), "occlusion", targets, bs, patch=p, stride=st, ppe=1))])
+                            twin=captum_fn(NHWC(model), x, "occlusion", targets, bs, patch=p, stride=st, ppe=1))])
 
         # --- Integrated Gradients
         baseline = make_baseline(x, "black", describe(model).preprocess)
@@ -610,7 +618,7 @@ def bench_model(b: Bench, name: str) -> None:
                       ours(model, x, "integrated_gradients", targets, bs, steps=steps, baseline=baseline,
                            rule="gausslegendre"),
                       [Peer("captum", captum_fn(model, x, "ig", targets, bs, steps=steps, baseline=baseline),
-                            twin=captum_fn(model, nhwc(x), "ig", targets, bs, steps=steps, baseline=baseline))],
+                            twin=captum_fn(NHWC(model), x, "ig", targets, bs, steps=steps, baseline=baseline))],
                       bound=bound_fn(model, steps * batch, x, bs))
 
         # --- SmoothGrad

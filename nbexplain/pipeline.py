@@ -21,6 +21,7 @@ class Stage:
     params: Callable[[dict], tuple]
     run: Callable[[dict, dict], Any]          # run(state, {input name: value}) -> value
     doc: str = ""
+    grows: tuple[str, ...] = ()               # inputs it adds reusable partial results to (a workspace)
 
 
 @dataclass
@@ -34,9 +35,10 @@ class Record:
 
 
 def nbytes(value: Any) -> int:
-    """Approximate memory held by a cached value; a tensor storage shared by several entries (the CAM
-    workspace files one capture under every layer's key) counts once."""
+    """Approximate memory held by a cached value; a tensor storage or a container shared by several
+    entries (the CAM workspace files one capture under every layer's key) counts once."""
     seen: set[int] = set()
+    walked: set[int] = set()       # containers already counted: the workspace is recounted per update
 
     def size(v: Any, depth: int) -> int:
         if depth > 6:
@@ -55,11 +57,16 @@ def nbytes(value: Any) -> int:
             return v.nbytes
         if isinstance(v, (bytes, bytearray)):
             return len(v)
+        container = isinstance(v, (dict, list, tuple)) or (is_dataclass(v) and not isinstance(v, type))
+        if container:
+            if id(v) in walked:
+                return 0
+            walked.add(id(v))
         if isinstance(v, dict):
             return sum(size(k, depth + 1) + size(x, depth + 1) for k, x in v.items())
         if isinstance(v, (list, tuple)):
             return sum(size(x, depth + 1) for x in v)
-        if is_dataclass(v) and not isinstance(v, type):
+        if container:
             return sum(size(getattr(v, f.name), depth + 1) for f in fields(v))
         if hasattr(v, "tobytes") and hasattr(v, "size"):          # PIL images
             return int(np.prod(getattr(v, "size", (0,)))) * 4
@@ -146,6 +153,8 @@ class Graph:
             missing = [i for i in s.inputs if i not in self.stages]
             if missing:
                 raise ValueError(f"stage {s.name!r} depends on unknown stage {missing[0]!r}")
+            if not set(s.grows) <= set(s.inputs):
+                raise ValueError(f"stage {s.name!r} can only grow its own inputs, not {s.grows}")
 
     def key(self, name: str, state: dict, _memo: dict | None = None) -> tuple:
         memo = {} if _memo is None else _memo
@@ -172,6 +181,8 @@ class Graph:
         t0 = time.perf_counter()
         value = stage.run(state, upstream)
         records[name] = Record(name, True, (time.perf_counter() - t0) * 1000)
+        for i in stage.grows:                  # they grew in place: recount them against the budget
+            self.cache.remeasure(keys[i])
         self.cache.put(key, value)
         return value
 

@@ -35,9 +35,9 @@ class Item:
 
 @dataclass
 class Shown:
-    """What the display stage hands to the frontend: pixels and the map at display resolution."""
+    """What the display stage hands to the frontend: the map at display resolution (the pixels under
+    it come from Session.pixels, only when the image changes)."""
 
-    image: np.ndarray      # (h, w, 4) uint8
     map: np.ndarray        # (h, w) float32, method-native units (not normalised)
     result: Attribution
 
@@ -74,28 +74,38 @@ class Session:
 
     # --- the graph ---------------------------------------------------------------------------------
     def _stages(self) -> list[Stage]:
+        # The model (identity, version, weights) keys only the first stage that depends on it: every
+        # later stage's key contains its inputs' keys, so all of them follow, and the fingerprint is
+        # taken once per evaluation rather than once per stage.
         model_key = lambda s: (id(self.model), s.get("model_version", 0), self._fingerprint())  # noqa: E731
         return [
             Stage("image", (), lambda s: (self.items[s["image"]].hash,),
                   lambda s, up: self.items[s["image"]], "the selected image (keyed by content hash)"),
             Stage("preprocess", ("image",), model_key, self._preprocess,
                   "resize/crop/normalise with the model's own config"),
-            Stage("forward", ("preprocess",), model_key, self._forward,
+            Stage("forward", ("preprocess",), lambda s: (), self._forward,
                   "one forward pass: logits and top-k (switching target reuses it)"),
             Stage("workspace", ("preprocess", "forward"),
-                  lambda s: (family(s["method"]), s["target"], model_key(s)), self._workspace,
+                  lambda s: (family(s["method"]), s["target"]), self._workspace,
                   "method-family capture: every candidate layer for CAMs, attention maps for ViTs, "
                   "reusable gradients (IG points, SmoothGrad sums) for pixel methods"),
             Stage("attribution", ("preprocess", "forward", "workspace"),
                   lambda s: (s["method"], layer_of(s), method_params(s)), self._attribute,
-                  "the method itself, reusing the workspace"),
+                  "the method itself, reusing the workspace", grows=("workspace",)),
             Stage("display", ("attribution", "preprocess", "image"), lambda s: (), self._display,
                   "map onto the image's pixels at display resolution"),
         ]
 
     def _fingerprint(self) -> str:
-        """Changes whenever any parameter is modified in place (training, randomisation)."""
-        return digest(tuple((p.data_ptr(), p._version) for p in self.model.state_dict().values()))
+        """Changes whenever any parameter or buffer is replaced or modified in place (training,
+        randomisation). Runs on every control change: reading each module's own tensors costs a
+        third of building a state_dict()."""
+        state: list[int] = []
+        for m in self.model.modules():
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is not None:
+                    state += (t.data_ptr(), t._version)
+        return digest(np.array(state, np.int64))
 
     def _preprocess(self, state: dict, up: dict) -> Prepared:
         return prepare(up["image"].source, self.info.preprocess)
@@ -116,9 +126,9 @@ class Session:
             return memo                       # filled lazily by the methods (IG points, noise sums)
         x = up["preprocess"].x.to(model_device(self.model))
         target = torch.tensor([self._target(state, up["forward"])], device=x.device)
-        ctx = Context(self.model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
-                      progress=self.progress)
         with self.lock, borrowed(self.model):
+            ctx = Context(self.model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
+                          progress=self.progress)
             if fam == "cam":
                 ctx.capture_all(candidates(self.model, tuple(x.shape)))
             else:
@@ -134,25 +144,29 @@ class Session:
                           target=self._target(state, up["forward"]), layer=layer_of(state) or None,
                           info=self.info, memo=up["workspace"], progress=self.progress,
                           logits=up["forward"], keep_intermediates=True)
-        workspace_key = self.graph.key("workspace", state)
-        self.cache.remeasure(workspace_key)
         return run
 
     def _display(self, state: dict, up: dict) -> Shown:
         run, prepared = up["attribution"], up["preprocess"]
         (result,) = package(run, prepared, self.info, self.model)
-        image = result.image if result.image is not None else np.zeros((*result.map.shape, 3), np.uint8)
-        h, w = result.map.shape
-        scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        rgba = np.asarray(Image.fromarray(image).convert("RGBA").resize(size, Image.BILINEAR))
         shown = result.shown()                           # NaN outside the model's crop: drawn uncoloured
+        h, w = shown.shape
+        scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
+        if scale == 1:                                   # already at display resolution: no resampling
+            return Shown(shown.astype(np.float32, copy=False), result)
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
         m = torch.from_numpy(np.nan_to_num(shown).astype(np.float32))[None, None]
         inside = torch.from_numpy(np.isfinite(shown).astype(np.float32))[None, None]
-        mode = "area" if scale < 1 else "bilinear"
-        m = F.interpolate(m, size=(size[1], size[0]), mode=mode)[0, 0].numpy()
-        inside = F.interpolate(inside, size=(size[1], size[0]), mode=mode)[0, 0].numpy()
-        return Shown(np.ascontiguousarray(rgba), np.where(inside > 0.5, m, np.nan).astype(np.float32), result)
+        m = F.interpolate(m, size=size, mode="area")[0, 0].numpy()
+        inside = F.interpolate(inside, size=size, mode="area")[0, 0].numpy()
+        return Shown(np.where(inside > 0.5, m, np.nan).astype(np.float32), result)
+
+    def pixels(self, shown: Shown) -> np.ndarray:
+        """(h, w, 4) uint8: the image under a shown map, at the map's display resolution."""
+        result = shown.result
+        image = result.image if result.image is not None else np.zeros((*result.map.shape, 3), np.uint8)
+        h, w = shown.map.shape
+        return np.asarray(Image.fromarray(image).convert("RGBA").resize((w, h), Image.BILINEAR))
 
     # --- API ---------------------------------------------------------------------------------------
     def evaluate(self, state: dict, stage: str = "display") -> tuple[Any, list[Record]]:

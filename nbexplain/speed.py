@@ -24,14 +24,14 @@ def input_format(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
     """
     if x.device.type != "cpu" or x.ndim != 4:
         return torch.contiguous_format
-    if sum(isinstance(m, nn.Conv2d) for m in model.modules()) < 2:   # ViTs: one patch-embedding conv
-        return torch.contiguous_format
     shapes = _CHOSEN.setdefault(model, {})
     key = (tuple(x.shape[1:]), x.dtype)
     if key not in shapes:
         if len(shapes) >= _MAX_SHAPES:
             shapes.clear()
-        shapes[key] = _probe(model, x[:1])
+        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        # ViTs have one patch-embedding conv: nothing to gain
+        shapes[key] = _probe(model, x[:1]) if convs >= 2 else torch.contiguous_format
     return shapes[key]
 
 

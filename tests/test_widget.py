@@ -219,6 +219,45 @@ def test_model_version_bump_recomputes(cnn, images):
     w.close()
 
 
+def test_weights_changed_in_place_recompute_a_cached_setting(images):
+    model = nbx.load_model("synthetic-cnn")
+    w = nbx.explain(model, images)
+    w.wait()
+    change(w, layer="layer1")
+    with torch.no_grad():
+        next(model.parameters()).mul_(2)                            # training, randomisation...
+    assert change(w, layer="") >= {"preprocess", "forward", "workspace", "attribution", "display"}
+    w.close()
+
+
+def test_reselecting_a_cached_setting_reads_the_weights_once(cnn, images):
+    w = nbx.explain(cnn, images)
+    w.wait()
+    change(w, layer="layer1")
+    session, calls = w.view._session, []
+    fingerprint = session._fingerprint
+    session._fingerprint = lambda: calls.append(1) or fingerprint()
+    assert change(w, layer="") == set()
+    assert len(calls) == 1                                          # not once per model-dependent stage
+    w.close()
+
+
+def test_large_images_are_shown_at_display_resolution(cnn):
+    from PIL import Image
+    from nbexplain.session import DISPLAY_MAX_SIDE
+    small = make_batch(1, seed=4)["images"][0]
+    big = np.asarray(Image.fromarray(small).resize((3 * DISPLAY_MAX_SIDE // 2, DISPLAY_MAX_SIDE)))
+    w = nbx.explain(cnn, [big])
+    w.wait()
+    height, width = DISPLAY_MAX_SIDE * 2 // 3, DISPLAY_MAX_SIDE
+    assert w.view._map["shape"] == [height, width] and w.view._image["shape"] == [height, width, 4]
+    shown = np.frombuffer(bytes(w.view._map["data"]), np.float32).reshape(height, width)
+    assert np.isnan(shown[:, :width // 8]).all() and np.isnan(shown[:, -width // 8:]).all()   # outside the crop
+    assert np.isfinite(shown[:, width // 4:-width // 4]).all()
+    assert w.result.map.shape == (DISPLAY_MAX_SIDE, 3 * DISPLAY_MAX_SIDE // 2)   # the result keeps full size
+    w.close()
+
+
 def test_pixels_outside_the_models_crop_carry_no_attribution(cnn):
     wide = np.concatenate([make_batch(1, seed=4)["images"][0]] * 2, axis=1)[:, :96]   # 64 x 96
     w = nbx.explain(cnn, [wide])
@@ -241,6 +280,21 @@ def test_shared_tensors_count_once_in_the_cache_budget():
     assert "huge" not in cache and cache.bytes <= 10_000
     cache.put("small2", torch.zeros(100))
     assert "small2" in cache
+
+
+def test_a_stage_that_grows_its_input_has_it_recounted():
+    from nbexplain.pipeline import ByteLRU, Graph, Stage
+    cache = ByteLRU(10**6)
+    graph = Graph([Stage("workspace", (), lambda s: (), lambda s, up: []),
+                   Stage("use", ("workspace",), lambda s: (s["n"],),
+                         lambda s, up: up["workspace"].append(torch.zeros(s["n"])) or s["n"],
+                         grows=("workspace",))], cache)
+    graph.evaluate("use", {"n": 1000})
+    before = cache.bytes
+    graph.evaluate("use", {"n": 2000})
+    assert cache.bytes - before == 2000 * 4 + 64                    # the workspace's growth + the new entry
+    with pytest.raises(ValueError, match="grow"):
+        Graph([Stage("a", (), lambda s: (), lambda s, up: 0, grows=("b",))], cache)
 
 
 def test_resnet_sized_cam_workspace_stays_cached(images):
