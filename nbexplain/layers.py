@@ -163,6 +163,10 @@ def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool 
     if all_layers:
         return layers
     keep = [layer for layer in layers if _block_level(layer)]
+    if not keep and layers:
+        # an unusual naming scheme: the shallowest spatial modules are the blocks
+        top = min(layer.name.count(".") for layer in layers)
+        keep = [layer for layer in layers if layer.name.count(".") == top]
     return keep
 
 
@@ -172,8 +176,11 @@ def _block_level(layer: Layer) -> bool:
     inside_block = any(p.isdigit() for p in parts[:-1])
     if layer.kind == "tokens" and parts[-1] == "norm1":
         return True                          # the usual ViT CAM layer (input of the block's attention)
-    return len(parts) == 1 or (parts[-1].isdigit() and not inside_block) or not inside_block and \
-        parts[-1] in _SEQUENCES
+    if inside_block:
+        return False
+    # named children of a top-level sequence count as blocks too (DenseNet: features.denseblock1)
+    return len(parts) == 1 or parts[-1].isdigit() or parts[-1] in _SEQUENCES or \
+        (len(parts) == 2 and parts[0] in _SEQUENCES)
 
 
 def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -433,3 +434,40 @@ def test_ig_auto_says_when_it_stopped_short(monkeypatch):
     linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).eval()
     exact = nbx.attribute(linear, x, "integrated_gradients", steps="auto", baseline="zeros")[0]
     assert exact.meta["steps"] == 4 and abs(exact.delta) < 1e-4        # linear: exact at the first grid
+
+
+def test_named_blocks_in_a_features_sequence_are_cam_candidates():
+    """DenseNet-style naming (features.denseblock1, features.transition1) has no numbered blocks."""
+    from collections import OrderedDict
+
+    class DenseNetLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(OrderedDict(
+                conv0=nn.Conv2d(3, 8, 3, stride=2, padding=1),
+                denseblock1=nn.Sequential(OrderedDict(denselayer1=nn.Conv2d(8, 8, 3, padding=1), relu=nn.ReLU())),
+                transition1=nn.Conv2d(8, 16, 1), norm5=nn.BatchNorm2d(16)))
+            self.classifier = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.classifier(self.features(x).mean((2, 3)))
+
+    class Nested(nn.Module):
+        """No sequence names at all: the shallowest spatial modules stand in for blocks."""
+        def __init__(self):
+            super().__init__()
+            self.body = nn.ModuleDict({"a": nn.Conv2d(3, 4, 3, padding=1), "b": nn.Conv2d(4, 4, 3, padding=1)})
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.body["b"](self.body["a"](x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    for model, expected in ((DenseNetLike().eval(), ["features.conv0", "features.denseblock1",
+                                                     "features.transition1", "features.norm5"]),
+                            (Nested().eval(), ["body.a", "body.b"])):
+        names = [layer["name"] for layer in nbx.layers(model, x)]
+        assert names == expected, names
+        out = nbx.attribute(model, x, "gradcam")[0]
+        assert out.meta["layer"] == expected[-1]
