@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import platform
+from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
 import numpy as np
@@ -47,12 +48,19 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     return results[0] if single else results
 
 
+@dataclass
 class Run:
-    """What compute() produced for a batch, before it is split per image."""
+    """What compute() produced for a batch, before it is split per image (a dataclass, so the
+    widget's cache can count the tensors it holds against its budget)."""
 
-    def __init__(self, spec, params, raw, targets, logits, meta, per_image, device):
-        self.spec, self.params, self.raw, self.targets = spec, params, raw, targets
-        self.logits, self.meta, self.per_image, self.device = logits, meta, per_image, device
+    spec: Any
+    params: dict
+    raw: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor
+    meta: dict
+    per_image: dict
+    device: torch.device
 
 
 def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: Any, layer: str | None,

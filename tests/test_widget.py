@@ -340,3 +340,12 @@ def test_attribute_while_a_widget_computes_on_the_same_model(images):
             w.result().close()
     from nbexplain.hygiene import hook_count
     assert hook_count(model) == 0
+
+
+def test_the_cache_counts_an_attribution_run_by_its_tensors():
+    """The widget's cache is bounded in bytes: a computed run must weigh what its tensors hold."""
+    from nbexplain.api import Run
+    from nbexplain.pipeline import nbytes
+    raw = torch.zeros(1, 3, 224, 224)
+    run = Run(None, {}, raw, torch.zeros(1, dtype=torch.long), torch.zeros(1, 1000), {}, {}, torch.device("cpu"))
+    assert nbytes(run) >= raw.nbytes + 1000 * 4
