@@ -39,8 +39,13 @@ def quadrature(rule: str, n: int) -> tuple[list[float], list[float]]:
 
 
 def refinements(rule: str, start: int = 4):
-    """Step counts whose grids nest (each adds points to the last), for steps='auto'."""
-    n = {"riemann_trapezoid": 3, "riemann_middle": 3}.get(rule, start)
+    """Step counts for steps='auto'; the Riemann grids nest (each adds points to the last).
+
+    Gauss-Legendre grids do not nest, so every failed try is thrown away: its first grid is 8, since
+    4 points almost never reach 1% on a real network (measured: 89-109% off on CNNs; deit_small
+    needs 8) and would only add 4 wasted evaluations.
+    """
+    n = {"riemann_trapezoid": 3, "riemann_middle": 3, "gausslegendre": 8}.get(rule, start)
     while True:
         yield n                                  # the first grid always runs, even above the cap
         n = 2 * n - 1 if rule == "riemann_trapezoid" else 3 * n if rule == "riemann_middle" else 2 * n
