@@ -20,7 +20,8 @@ def input_format(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
     *input* is converted, so the user's model is untouched; PyTorch propagates the format through
     the network. A model whose code assumes NCHW strides (``.view`` on a feature map) would fail or
     differ, so the choice is probed once per model and input shape: both formats must give the same
-    logits, else the model keeps NCHW. CUDA keeps NCHW: its FP32 kernels gain nothing measurable.
+    logits, else the model keeps NCHW. CUDA keeps NCHW until the gain is measured there (the GPU
+    benchmark predates this path).
     """
     if x.device.type != "cpu" or x.ndim != 4:
         return torch.contiguous_format
