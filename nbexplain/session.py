@@ -17,7 +17,7 @@ from .context import Context
 from .hygiene import borrowed, model_device
 from .images import Prepared, prepare
 from .layers import candidates
-from .models import ModelInfo
+from .models import ModelInfo, tensor_versions
 from .pipeline import ByteLRU, Graph, Record, Stage, digest
 
 DISPLAY_MAX_SIDE = 512
@@ -98,14 +98,8 @@ class Session:
 
     def _fingerprint(self) -> str:
         """Changes whenever any parameter or buffer is replaced or modified in place (training,
-        randomisation). Runs on every control change: reading each module's own tensors costs a
-        third of building a state_dict()."""
-        state: list[int] = []
-        for m in self.model.modules():
-            for t in (*m._parameters.values(), *m._buffers.values()):
-                if t is not None:
-                    state += (t.data_ptr(), t._version)
-        return digest(np.array(state, np.int64))
+        randomisation). Runs on every control change."""
+        return digest(np.array(tensor_versions(self.model), np.int64))
 
     def _preprocess(self, state: dict, up: dict) -> Prepared:
         return prepare(up["image"].source, self.info.preprocess)
