@@ -70,9 +70,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
     """Run one method on a preprocessed batch, with the model borrowed (restored on exit)."""
     device = model_device(model)
     if spec.vit_only and not any(n.endswith("attn_drop") for n, _ in model.named_modules()):
-        raise ValueError(f"method {spec.name!r} needs a Vision Transformer (timm Attention modules with "
-                         f"'attn_drop'); {type(model).__name__} has none. For CNNs use 'gradcam', "
-                         "'integrated_gradients' or 'occlusion'")
+        raise ValueError(f"method {spec.name!r} needs a Vision Transformer: it reads timm-style attention "
+                         f"modules (an 'attn_drop' after the softmax), and {type(model).__name__} has none. Use "
+                         "'gradcam', 'integrated_gradients' or 'occlusion', which work on any model")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
     with borrowed(model), full_precision():
         x = x.to(device, dtype)

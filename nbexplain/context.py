@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, MutableMapping
+from typing import Callable, Iterator, MutableMapping, NamedTuple
 
 import torch
 from torch import nn
@@ -176,23 +176,28 @@ class Context:
         return acts, grads, gx
 
     # --- attention (ViTs) --------------------------------------------------------------------------
-    def attention(self, gradients: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Per-block attention matrices (N,heads,T,T) and, optionally, d target-logit / d attention."""
+    def attention(self, gradients: bool = False) -> "Attention":
+        """Every attention matrix the forward computed (timm's ``attn_drop`` input, in execution order)
+        and, optionally, d target-logit / d attention."""
         key = ("attention", gradients)
         if key not in self.memo:
             self.memo[key] = self._attention(gradients)
         return self.memo[key]
 
-    def _attention(self, gradients: bool):
-        mods = [m for n, m in self.model.named_modules() if n.endswith("attn_drop")]
+    def _attention(self, gradients: bool) -> "Attention":
+        mods = [(n, m) for n, m in self.model.named_modules() if n.endswith("attn_drop")]
         maps: list[torch.Tensor] = []
+        names: list[str] = []
 
-        def hook(_m, _inp, out):
-            maps.append(out)
-            return out.clone()
+        def hook(name):
+            def record(_m, _inp, out):
+                maps.append(out)
+                names.append(name.removesuffix(".attn_drop"))
+                return out.clone()          # later ops use the clone, so d score / d out is defined
+            return record
 
         x = self.x.detach().requires_grad_(gradients)
-        with unfused_attention(self.model), forward_hooks((m, hook) for m in mods), \
+        with unfused_attention(self.model), forward_hooks((m, hook(n)) for n, m in mods), \
                 torch.enable_grad() if gradients else torch.no_grad():
             logits = self.forward(x)
             targets = self.seen(logits)
@@ -205,14 +210,13 @@ class Context:
                 score = logits.gather(1, targets[:, None]).sum()
                 grads = [g.detach() for g in torch.autograd.grad(score, maps)]
         self.report(1.0)
-        return [m.detach() for m in maps], grads
+        return Attention([m.detach() for m in maps], grads, names)
 
-    def patch_layout(self, num_tokens: int):
-        layout = token_layout(self.model, num_tokens, tuple(self.x.shape[2:]))
-        if layout is None:
-            raise ValueError(f"attention: cannot map {num_tokens} tokens onto a patch grid for input "
-                             f"{tuple(self.x.shape[2:])}")
-        return layout
+
+class Attention(NamedTuple):
+    maps: list[torch.Tensor]                 # per block, (N, heads, queries, keys) for a plain ViT
+    grads: list[torch.Tensor] | None
+    names: list[str]                         # the attention module of each block
 
 
 @contextmanager

@@ -31,6 +31,9 @@ class Layer:
                 "depth": self.depth, "type": self.module_type}
 
 
+_MAX_PREFIX = 16              # class, distillation and register tokens before the patches
+
+
 @dataclass(frozen=True)
 class TokenLayout:
     prefix: int               # class/register/distillation tokens before the patches
@@ -39,27 +42,43 @@ class TokenLayout:
 
 def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
     """How (N,T,C) tokens map onto the patch grid: from the model's attributes, else inferred."""
-    pe = getattr(model, "patch_embed", None)
-    grid = getattr(pe, "grid_size", None)
-    patch = getattr(pe, "patch_size", None) or getattr(model, "patch_size", None)
-    if patch is not None:
-        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        grid = (input_hw[0] // ph, input_hw[1] // pw)     # follows the actual input size (dynamic img size)
+    grid = _patch_grid(model, input_hw)
+    declared = getattr(model, "num_prefix_tokens", None)
     if grid is not None:
-        prefix = getattr(model, "num_prefix_tokens", None)
-        if prefix is None:
-            prefix = num_tokens - grid[0] * grid[1]
-        if prefix >= 0 and num_tokens == prefix + grid[0] * grid[1]:
+        prefix = declared if declared is not None else num_tokens - grid[0] * grid[1]
+        if 0 <= prefix <= _MAX_PREFIX and num_tokens == prefix + grid[0] * grid[1]:
             return TokenLayout(int(prefix), (int(grid[0]), int(grid[1])))
         if num_tokens == grid[0] * grid[1]:               # before the prefix tokens are added
             return TokenLayout(0, (int(grid[0]), int(grid[1])))
-    return _infer_layout(num_tokens, input_hw)
+    # a model that declares its prefix tokens has no others: 32 channels of XCiT's channel attention
+    # must not read as 16 "prefix" tokens and a 4x4 grid
+    return _infer_layout(num_tokens, input_hw, range(_MAX_PREFIX + 1) if declared is None else (declared, 0))
 
 
-def _infer_layout(num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
-    """A grid with the input's aspect ratio and an integer patch size, after up to 16 prefix tokens."""
+def _patch_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The patch grid for this input size, from the patch embedding (timm's, or one with the same names)."""
+    pe = getattr(model, "patch_embed", None)
+    if callable(getattr(pe, "dynamic_feat_size", None)):
+        return tuple(int(g) for g in pe.dynamic_feat_size(input_hw))
+    grid, img = getattr(pe, "grid_size", None), getattr(pe, "img_size", None)
+    if grid is not None and img is not None and _pair(img) == tuple(input_hw):
+        return _pair(grid)                      # strided or overlapping embeddings (PiT: 27x27 at 224)
+    patch = getattr(pe, "patch_size", None) or getattr(model, "patch_size", None)
+    if patch is not None:
+        ph, pw = _pair(patch)
+        return input_hw[0] // ph, input_hw[1] // pw     # follows the actual input size (dynamic img size)
+    return _pair(grid) if grid is not None else None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _infer_layout(num_tokens: int, input_hw: tuple[int, int], prefixes) -> TokenLayout | None:
+    """A grid with the input's aspect ratio and an integer patch size, after one of ``prefixes`` tokens
+    (a coarser grid of a hierarchical model's later stage, e.g. Swin's 7x7)."""
     h, w = input_hw
-    for prefix in range(0, 17):
+    for prefix in prefixes:
         n = num_tokens - prefix
         for patch in range(1, max(h, w) + 1):
             if h % patch == 0 and w % patch == 0 and (h // patch) * (w // patch) == n and n > 1:
@@ -139,7 +158,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
         layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None
         probe = torch.empty(shape, device="meta")
         spatial = as_spatial(probe, layout)
-        if spatial is None or isinstance(module, _SKIP):
+        if spatial is None or isinstance(module, _SKIP) or not _on_image(spatial.shape[2:], input_shape[2:]):
             continue
         layer = Layer(name, "tokens" if len(shape) == 3 else "conv", tuple(spatial.shape[2:]),
                       int(spatial.shape[1]), len(layers), type(module).__name__)
@@ -155,6 +174,13 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     while len(per_model) > 4:                      # bounded: a few input sizes per model
         per_model.popitem(last=False)
     return layers, by_name
+
+
+def _on_image(grid: tuple[int, int], input_hw: tuple[int, int]) -> bool:
+    """A feature map of the image keeps its aspect ratio (up to rounding); a 4-d tensor that is something
+    else, e.g. CoaT's per-head position terms (N, heads, tokens, channels), does not."""
+    (h, w), (height, width) = grid, input_hw
+    return h <= height and w <= width and abs(w - width * h / height) <= 1 + 0.1 * w
 
 
 def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool = False) -> list[Layer]:

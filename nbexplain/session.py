@@ -126,8 +126,7 @@ class Session:
             if fam == "cam":
                 ctx.capture_all(candidates(self.model, tuple(x.shape)))
             else:
-                ctx.attention(gradients=True)
-                memo[("attention", False)] = (memo[("attention", True)][0], None)
+                memo[("attention", False)] = ctx.attention(gradients=True)._replace(grads=None)
         return memo
 
     def _attribute(self, state: dict, up: dict) -> Run:

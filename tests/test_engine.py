@@ -379,6 +379,99 @@ def test_grad_rollout_is_class_specific_and_rollout_is_not(vit):
     assert not torch.allclose(g1.raw, g2.raw)
 
 
+def tiny(arch: str, **kw) -> nn.Module:
+    """A tiny, woken timm model of any architecture (kwargs shrink it)."""
+    import timm
+    from conftest import wake
+    torch.manual_seed(0)
+    return wake(timm.create_model(arch, pretrained=False, **kw).eval())
+
+
+def attention_probabilities(model, x):
+    """Every block's attention, read by hooks on timm's attn_drop with fused attention off (the test's own
+    capture, restored after)."""
+    fused = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")]
+    maps = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: maps.append(out.detach()[0]))
+               for n, m in model.named_modules() if n.endswith("attn_drop")]
+    try:
+        for m, _ in fused:
+            m.fused_attn = False
+        with torch.no_grad():
+            model(x[None])
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in fused:
+            m.fused_attn = flag
+    return maps
+
+
+def test_rollout_through_cait_class_attention():
+    """CaiT: self-attention among the 16 patches before the class token joins, then class attention
+    where only the class token queries. Each block is the identity on the tokens it does not update."""
+    model = tiny("cait_xxs24_224", img_size=64, embed_dim=32, depth=2, num_heads=2, depth_token_only=1)
+    x = make_input(1, 64)[0]
+    roll = nbx.attribute(model, x, "attention_rollout", discard_ratio=0.0, target=3)
+    last = nbx.attribute(model, x, "attention", block=-1, target=3)
+    maps = attention_probabilities(model, x)
+    assert [tuple(a.shape[1:]) for a in maps] == [(16, 16), (16, 16), (1, 17)]
+    eye, result = torch.eye(17), torch.eye(17)
+    for a in maps:
+        block = torch.eye(17)
+        if a.shape[-1] == 16:
+            block[1:, 1:] = a.mean(0)
+        else:
+            block[:1] = a.mean(0)
+        block = (block + eye) / 2
+        result = block / block.sum(-1, keepdim=True) @ result
+    torch.testing.assert_close(roll.raw[0], result[0, 1:].reshape(4, 4), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(last.raw[0], maps[-1].mean(0)[0, 1:].reshape(4, 4), rtol=1e-4, atol=1e-7)
+
+
+NOT_ON_THE_GRID = [
+    # windows: 16x16 patches in 4 windows of 8x8, then one 8x8 window (the last block lies on the grid)
+    ("swin_tiny_patch4_window7_224", dict(img_size=64, embed_dim=16, depths=(1, 1), num_heads=(1, 2),
+                                          window_size=8),
+     r"block 0 \(layers\.0\.blocks\.0\.attn\) has attention within 4 windows per image", (8, 8)),
+    # cross-covariance: 24x24 channel attention, then class attention over the 4x4 patches
+    ("xcit_nano_12_p16_224", dict(img_size=64, embed_dim=48, depth=2, num_heads=2, cls_attn_layers=1),
+     r"block 0 \(blocks\.0\.attn\) has attention over 24 keys that are not patches.*channel attention",
+     (4, 4)),
+    # pooling: a 15x15 grid, then 8x8
+    ("pit_ti_224", dict(img_size=64, patch_size=8, stride=4, base_dims=[8, 8], depth=[1, 1], heads=[1, 2]),
+     r"different token sets \(15x15 at block 0, 8x8 at block 1\)", (8, 8)),
+]
+
+
+@pytest.mark.parametrize("arch,kw,why,last_grid", NOT_ON_THE_GRID, ids=["swin", "xcit", "pit"])
+def test_rollout_refuses_attention_that_is_not_over_the_patch_grid(arch, kw, why, last_grid):
+    from nbexplain.hygiene import hook_count
+    model = tiny(arch, **kw)
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    x = make_input(1, 64)[0]
+    for method in ("attention_rollout", "grad_rollout"):
+        with pytest.raises(ValueError, match=rf"{method}: .*{why}.*Use 'attention' at a block that lies on the grid"):
+            nbx.attribute(model, x, method)
+    # the last block lies on the grid (one window, class attention, the pooled grid): raw attention works
+    out = nbx.attribute(model, x, "attention", block=-1, target=3)
+    assert out.raw.shape == (1, *last_grid) and torch.isfinite(out.raw).all() and float(out.raw.min()) >= 0
+    a = attention_probabilities(model, x)[-1].mean(0)
+    patches = last_grid[0] * last_grid[1]
+    # Swin pools the average token, so its map is the mean row; the others read the class token's row
+    expected = a.mean(0) if arch.startswith("swin") else a[0, -patches:]
+    torch.testing.assert_close(out.raw[0], expected.reshape(last_grid), rtol=1e-4, atol=1e-7)
+    assert hook_count(model) == 0
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused
+
+
+def test_raw_attention_at_a_windowed_block_names_the_blocks_that_work():
+    arch, kw, *_ = NOT_ON_THE_GRID[0]
+    with pytest.raises(ValueError, match=r"attention: block 0 .*windowed attention.*Use 'attention' at a block "
+                                         r"that lies on the grid \(block 1\)"):
+        nbx.attribute(tiny(arch, **kw), make_input(1, 64)[0], "attention", block=0)
+
+
 def test_guided_backprop_on_a_gelu_vit_warns_and_equals_saliency(vit):
     x = make_input(1, 64)[0]
     with pytest.warns(UserWarning, match="no nn.ReLU/ReLU6 modules"):
@@ -436,6 +529,27 @@ def test_ig_auto_says_when_it_stopped_short(monkeypatch):
     exact = nbx.attribute(linear, x, "integrated_gradients", steps="auto", baseline="zeros")[0]
     assert exact.meta["steps"] == first and abs(exact.delta) < 1e-4    # linear: exact at the first grid
     assert exact.meta["evaluations"] == first + 2                      # the grid, f at x, f at the baseline
+
+
+def test_a_4d_output_that_is_not_an_image_map_is_no_cam_layer():
+    """CoaT's position terms are (N, heads, tokens, channels): 4-d, but not a grid over the image."""
+    class PerHead(nn.Module):
+        def forward(self, a):                                  # (N,8,16,16) -> (N, 2 heads, 16 tokens, 4)
+            return nn.functional.adaptive_avg_pool2d(a, 4).flatten(2).transpose(1, 2).reshape(len(a), 16, 2, 4) \
+                .transpose(1, 2)
+
+    class CoaTLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.heads, self.fc = nn.Conv2d(3, 8, 3, stride=4, padding=1), PerHead(), nn.Linear(8, 5)
+
+        def forward(self, x):
+            a = self.stem(x)
+            return self.fc(a.mean((2, 3)) + self.heads(a).mean((1, 2)).repeat(1, 2))
+
+    model = CoaTLike().eval()
+    assert [layer["name"] for layer in nbx.layers(model, torch.zeros(1, 3, 64, 64), all=True)] == ["stem"]
+    assert nbx.attribute(model, torch.randn(3, 64, 64), "gradcam").meta["layer"] == "stem"
 
 
 def test_named_blocks_in_a_features_sequence_are_cam_candidates():
