@@ -13,6 +13,7 @@ from torch import nn
 from .methods import REGISTRY, get as get_method
 from ._errors import closest
 from .attribution import Attribution, display_map, normalise, on_image
+from .calls import eager, inputs_for
 from .context import Context
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
@@ -35,6 +36,7 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     Returns one Attribution for one image, a list for a list or an (N,C,H,W) tensor.
     """
     spec = get_method(method)
+    model = eager(model)
     info = describe(model, preprocess, labels)
     prepared = prepare(images, info.preprocess)
     chosen = spec.validate(params)
@@ -73,9 +75,14 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         raise ValueError(f"method {spec.name!r} needs a Vision Transformer: it reads timm-style attention "
                          f"modules (an 'attn_drop' after the softmax), and {type(model).__name__} has none. Use "
                          "'gradcam', 'integrated_gradients' or 'occlusion', which work on any model")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
-    with borrowed(model), full_precision():
-        x = x.to(device, dtype)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer (samples per forward), "
+                         "or None to choose one from the free memory")
+    # gradients are needed even when the caller is inside torch.inference_mode()
+    with torch.inference_mode(False), borrowed(model), full_precision():
+        x = inputs_for(model, x)
+        if x.is_inference():
+            x = x.clone()                          # an inference tensor cannot enter autograd
 
         def choose(seen: torch.Tensor) -> torch.Tensor:
             if seen.ndim != 2 or seen.shape[0] != x.shape[0]:
@@ -188,6 +195,7 @@ def methods() -> list[dict]:
 def layers(model: nn.Module, image: Any = None, *, all: bool = False,
            preprocess: Preprocess | None = None) -> list[dict]:
     """Candidate layers for layer methods, in depth order, with kind and grid."""
+    model = eager(model)
     info = describe(model, preprocess)
     if image is not None:
         shape = tuple(prepare(image, info.preprocess).x.shape)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .api import attribute
 from .attribution import Attribution
+from .calls import inputs_for, logits_of
 from .hygiene import borrowed, model_device
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
@@ -534,12 +535,11 @@ def _target_probabilities(model: torch.nn.Module, exps: list[Attribution]) -> li
         if p is None:
             missing.append(i)
     if missing and all(exps[i].input is not None for i in missing):
-        device = model_device(model)
         with borrowed(model), torch.no_grad():
             for s in range(0, len(missing), 32):
                 idx = missing[s:s + 32]
-                x = torch.cat([exps[i].input for i in idx]).to(device)
-                probs = model(x).float().softmax(1).cpu()
+                x = inputs_for(model, torch.cat([exps[i].input for i in idx]))
+                probs = logits_of(model(x)).float().softmax(1).cpu()
                 for k, i in enumerate(idx):
                     out[i] = float(probs[k, exps[i].target])
     return [float(p) if p is not None else math.nan for p in out]
@@ -571,10 +571,10 @@ def batched_curves(model: torch.nn.Module, exps: list[Attribution], *, steps: in
                     pending.pop(0)
                 else:
                     pending[0] = (k, stack[take:])
-            x = torch.cat(rows).to(device)
+            x = inputs_for(model, torch.cat(rows))
             targets = torch.tensor([exps[k].target for k in owners], device=device)
             with torch.no_grad():
-                p = model(x).float().softmax(1).gather(1, targets[:, None])[:, 0].cpu()
+                p = logits_of(model(x)).float().softmax(1).gather(1, targets[:, None])[:, 0].cpu()
             for k, v in zip(owners, p):
                 got.setdefault(k, []).append(v)
             for k in sorted(set(owners)):

@@ -8,6 +8,7 @@ from typing import Callable, Iterator, MutableMapping, NamedTuple
 import torch
 from torch import nn
 
+from .calls import logits_of
 from .hygiene import forward_hooks, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
@@ -60,7 +61,7 @@ class Context:
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
         """Every model pass goes through here, so callers can see how many samples were evaluated."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
-        return self.model(xs.contiguous(memory_format=self.memory_format))
+        return logits_of(self.model(xs.contiguous(memory_format=self.memory_format)))
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""

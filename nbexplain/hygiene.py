@@ -94,6 +94,10 @@ def forward_hooks(pairs: Iterable[tuple[nn.Module, Callable]]) -> Iterator[None]
     handles = []
     try:
         for module, hook in pairs:
+            if isinstance(module, torch.jit.ScriptModule):
+                raise TypeError("model: this method reads the model's layers through forward hooks, which "
+                                "TorchScript modules (torch.jit.script/trace) do not run; pass the original "
+                                "nn.Module, or use 'saliency', 'integrated_gradients', 'smoothgrad' or 'occlusion'")
             handles.append(module.register_forward_hook(hook))
         yield
     finally:

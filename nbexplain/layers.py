@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._errors import unknown
+from .calls import model_dtype
 from .hygiene import borrowed, forward_hooks, model_device
 
 _SKIP = (nn.Dropout, nn.Identity)
@@ -40,8 +41,22 @@ class TokenLayout:
     grid: tuple[int, int]
 
 
+def core(model: nn.Module) -> tuple[str, nn.Module]:
+    """The network inside single-child wrappers (a LightningModule's ``self.model``, a module that adds
+    a softmax or returns a tuple), with its name prefix: layer roles and ViT geometry are read there."""
+    prefix = ""
+    while not any(p is not None for p in model._parameters.values()):
+        owners = [(n, c) for n, c in model.named_children() if next(c.parameters(), None) is not None]
+        if len(owners) != 1:
+            break
+        name, model = owners[0]
+        prefix += name + "."
+    return prefix, model
+
+
 def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
     """How (N,T,C) tokens map onto the patch grid: from the model's attributes, else inferred."""
+    model = core(model)[1]
     grid = _patch_grid(model, input_hw)
     declared = getattr(model, "num_prefix_tokens", None)
     if grid is not None:
@@ -149,7 +164,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
                          bool(previous) and previous[0] is t))
             previous[:] = [t]
 
-    x = torch.zeros((1, *input_shape[1:]), device=model_device(model))
+    x = torch.zeros((1, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
     with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names):
         model(x)
     layers: list[Layer] = []
@@ -188,19 +203,21 @@ def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool 
     layers = discover(model, input_shape)
     if all_layers:
         return layers
-    keep = [layer for layer in layers if _block_level(layer)]
-    if not keep and layers:
+    prefix = core(model)[0]
+    inner = [layer for layer in layers if layer.name.startswith(prefix)]
+    keep = [layer for layer in inner if _block_level(layer.name[len(prefix):], layer.kind)]
+    if not keep and inner:
         # an unusual naming scheme: the shallowest spatial modules are the blocks
-        top = min(layer.name.count(".") for layer in layers)
-        keep = [layer for layer in layers if layer.name.count(".") == top]
+        top = min(layer.name.count(".") for layer in inner)
+        keep = [layer for layer in inner if layer.name.count(".") == top]
     return keep
 
 
-def _block_level(layer: Layer) -> bool:
+def _block_level(name: str, kind: str) -> bool:
     """Stem/head modules, numbered blocks and their stages, not the parts inside a block."""
-    parts = layer.name.split(".")
+    parts = name.split(".")
     inside_block = any(p.isdigit() for p in parts[:-1])
-    if layer.kind == "tokens" and parts[-1] == "norm1":
+    if kind == "tokens" and parts[-1] == "norm1":
         return True                          # the usual ViT CAM layer (input of the block's attention)
     if inside_block:
         return False
@@ -224,7 +241,7 @@ def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
     tokens = [layer for layer in layers if layer.kind == "tokens"]
     if tokens and len(tokens) >= len(convs):
         norms = [layer for layer in tokens if layer.name.endswith(".norm1")]
-        pool = getattr(model, "global_pool", "token")
+        pool = getattr(core(model)[1], "global_pool", "token")
         if norms and pool == "token":
             return norms[-1]
         blocks = [layer for layer in tokens if not layer.name.endswith(".norm1")

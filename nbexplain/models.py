@@ -106,7 +106,8 @@ def load_model(name_or_module: str | nn.Module | None = None, *, weights: str | 
     if name_or_module is None or name_or_module == DEFAULT_MODEL:
         model = _load_default()
     elif isinstance(name_or_module, nn.Module):
-        model = name_or_module
+        from .calls import eager
+        model = eager(name_or_module)
         if weights is not None:
             raise ValueError("weights: load weights into your own module yourself; weights= is for timm names")
     elif isinstance(name_or_module, str) and name_or_module in synthetic.SYNTHETIC_MODELS:

@@ -13,6 +13,7 @@ from PIL import Image
 from .methods import get as get_method
 from .api import Run, compute, package
 from .attribution import Attribution
+from .calls import inputs_for, logits_of
 from .context import Context
 from .hygiene import borrowed, model_device
 from .images import Prepared, prepare
@@ -107,7 +108,7 @@ class Session:
     def _forward(self, state: dict, up: dict) -> torch.Tensor:
         x = up["preprocess"].x
         with self.lock, borrowed(self.model), torch.no_grad():
-            return self.model(x.to(model_device(self.model))).detach().cpu()
+            return logits_of(self.model(inputs_for(self.model, x))).detach().float().cpu()
 
     def _target(self, state: dict, logits: torch.Tensor) -> int:
         t = state.get("target", -1)
@@ -118,7 +119,7 @@ class Session:
         fam = family(state["method"])
         if fam == "pixel":
             return memo                       # filled lazily by the methods (IG points, noise sums)
-        x = up["preprocess"].x.to(model_device(self.model))
+        x = inputs_for(self.model, up["preprocess"].x)
         target = torch.tensor([self._target(state, up["forward"])], device=x.device)
         with self.lock, borrowed(self.model):
             ctx = Context(self.model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,

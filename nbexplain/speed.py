@@ -6,6 +6,7 @@ import weakref
 import torch
 from torch import nn
 
+from .calls import logits_of
 from .hygiene import borrowed
 
 _CHOSEN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -39,8 +40,8 @@ def input_format(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
 def _probe(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
     try:
         with borrowed(model), torch.no_grad():
-            ref = model(x.contiguous())
-            got = model(x.contiguous(memory_format=torch.channels_last))
+            ref = logits_of(model(x.contiguous()))
+            got = logits_of(model(x.contiguous(memory_format=torch.channels_last)))
     except Exception:   # noqa: BLE001 - any failure means "not safe"; the real pass reports its own errors
         return torch.contiguous_format
     if not (isinstance(ref, torch.Tensor) and isinstance(got, torch.Tensor) and ref.shape == got.shape):

@@ -68,6 +68,75 @@ def test_vit_only_method_on_a_cnn(cnn):
             nbx.attribute(cnn, X, method)
 
 
+# ------------------------------------------------------------------------------- model outputs
+
+
+class Returns(nn.Module):
+    """The same classifier, returning its scores the way other libraries do."""
+
+    def __init__(self, model, how):
+        super().__init__()
+        self.model, self.how = model, how
+
+    def forward(self, x):
+        scores = self.model(x)
+        if self.how == "tuple":
+            return scores, x.mean()
+        if self.how == "dict":
+            return {"logits": scores, "features": x}
+        if self.how == "hf":                               # transformers' ImageClassifierOutput
+            return type("ImageClassifierOutput", (), {"logits": scores, "loss": None})()
+        return "not scores"
+
+
+@pytest.mark.parametrize("how", ["tuple", "dict", "hf"])
+def test_scores_are_read_from_tuples_dicts_and_hugging_face_outputs(cnn, how):
+    wrapped = Returns(cnn, how).eval()
+    for method in ("saliency", "gradcam", "integrated_gradients"):
+        kw = {"steps": 4, "baseline": "zeros"} if method == "integrated_gradients" else {}
+        got = nbx.attribute(wrapped, X, method, **kw)
+        plain = nbx.attribute(cnn, X, method, **kw)
+        assert got.target == plain.target and torch.allclose(got.raw, plain.raw, rtol=1e-5, atol=1e-7)
+
+
+def test_a_wrapper_module_keeps_the_layer_roles_of_the_network_inside(vit):
+    """A LightningModule-style wrapper (self.model) must not hide the ViT's blocks and geometry."""
+    wrapped = Returns(vit, "tuple").eval()
+    inner = [d["name"] for d in nbx.layers(vit, X)]
+    assert [d["name"] for d in nbx.layers(wrapped, X)] == ["model." + n for n in inner]
+    got, plain = nbx.attribute(wrapped, X, "gradcam", target=3), nbx.attribute(vit, X, "gradcam", target=3)
+    assert got.meta["layer"] == "model." + plain.meta["layer"] and torch.allclose(got.raw, plain.raw)
+
+
+def test_an_output_without_scores_says_how_to_wrap_the_model(cnn):
+    with pytest.raises(TypeError, match=r"model: expected class scores.*got str; wrap the model"):
+        nbx.attribute(Returns(cnn, "str").eval(), X, "saliency")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_model_gets_inputs_in_its_dtype(dtype):
+    model = make_model("test_resnet").to(dtype)
+    for method in ("gradcam", "saliency"):
+        out = nbx.attribute(model, X, method)
+        assert out.map.dtype == np.float32 and np.isfinite(out.map).all() and out.map.max() > 0
+    assert all(p.dtype == dtype for p in model.parameters())
+
+
+def test_torchscript_models_get_a_clear_error_for_hook_methods(cnn):
+    from nbexplain.hygiene import hook_count
+    traced = torch.jit.trace(cnn, X[None])
+    assert nbx.attribute(traced, X, "saliency").raw.shape == (1, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"forward hooks, which TorchScript modules.*pass the original nn.Module"):
+        nbx.attribute(traced, X, "gradcam")
+    assert hook_count(cnn) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_batch_size_must_be_a_positive_integer(cnn, bad):
+    with pytest.raises(ValueError, match=rf"batch_size={bad!r}: expected a positive integer"):
+        nbx.attribute(cnn, X, "integrated_gradients", steps=4, batch_size=bad)
+
+
 # ------------------------------------------------------------------------------------- targets
 
 

@@ -183,3 +183,28 @@ def test_works_under_no_grad_and_restores_grad_mode():
         assert not torch.is_grad_enabled()
     b = run(model, x, "saliency")
     assert torch.equal(a.raw, b.raw)
+
+
+def test_works_inside_inference_mode_on_an_inference_tensor():
+    model, _ = build("cnn")
+    with torch.inference_mode():
+        x = torch.randn(3, SIZE, SIZE)                   # an inference tensor: it cannot enter autograd
+        inside = {m: run(model, x, m) for m in ("saliency", "gradcam", "integrated_gradients")}
+        assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+    outside = x.clone()
+    for method, got in inside.items():
+        assert torch.equal(got.raw, run(model, outside, method).raw)
+    assert hook_count(model) == 0
+
+
+def test_a_compiled_model_is_explained_through_its_eager_module():
+    """torch.compile wraps the module; hooks added after compilation would trip Dynamo."""
+    model, _ = build("cnn")
+    compiled = torch.compile(model)
+    x = torch.randn(3, SIZE, SIZE)
+    for method in ("gradcam", "saliency"):
+        got = run(compiled, x, method)
+        assert torch.equal(got.raw, run(model, x, method).raw)
+        assert "_orig_mod" not in str(got.meta.get("layer"))
+    assert [d["name"] for d in nbx.layers(compiled, x)] == [d["name"] for d in nbx.layers(model, x)]
+    assert hook_count(model) == 0
