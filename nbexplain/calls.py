@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .hygiene import model_device
+from .hygiene import model_device, model_dtype
 
 
 def eager(model: nn.Module) -> nn.Module:
@@ -15,11 +15,6 @@ def eager(model: nn.Module) -> nn.Module:
     weights are the same objects, so the maps are the compiled model's."""
     inner = getattr(model, "_orig_mod", None)
     return inner if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule" else model
-
-
-def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The floating dtype of the model's parameters (a bf16/fp16 model gets bf16/fp16 inputs)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
 
 
 def inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,8 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The floating dtype of the model's parameters (a bf16/fp16 model gets bf16/fp16 inputs)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)

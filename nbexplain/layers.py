@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ._errors import unknown
-from .calls import model_dtype
-from .hygiene import borrowed, forward_hooks, model_device
+from .hygiene import borrowed, forward_hooks, model_device, model_dtype
 
 _SKIP = (nn.Dropout, nn.Identity)
 _SEQUENCES = ("blocks", "layers", "stages", "features")

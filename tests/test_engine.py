@@ -379,14 +379,6 @@ def test_grad_rollout_is_class_specific_and_rollout_is_not(vit):
     assert not torch.allclose(g1.raw, g2.raw)
 
 
-def tiny(arch: str, **kw) -> nn.Module:
-    """A tiny, woken timm model of any architecture (kwargs shrink it)."""
-    import timm
-    from conftest import wake
-    torch.manual_seed(0)
-    return wake(timm.create_model(arch, pretrained=False, **kw).eval())
-
-
 def attention_probabilities(model, x):
     """Every block's attention, read by hooks on timm's attn_drop with fused attention off (the test's own
     capture, restored after)."""
@@ -410,7 +402,7 @@ def attention_probabilities(model, x):
 def test_rollout_through_cait_class_attention():
     """CaiT: self-attention among the 16 patches before the class token joins, then class attention
     where only the class token queries. Each block is the identity on the tokens it does not update."""
-    model = tiny("cait_xxs24_224", img_size=64, embed_dim=32, depth=2, num_heads=2, depth_token_only=1)
+    model = make_model("cait_xxs24_224", img_size=64, embed_dim=32, depth=2, num_heads=2, depth_token_only=1)
     x = make_input(1, 64)[0]
     roll = nbx.attribute(model, x, "attention_rollout", discard_ratio=0.0, target=3)
     last = nbx.attribute(model, x, "attention", block=-1, target=3)
@@ -447,7 +439,7 @@ NOT_ON_THE_GRID = [
 @pytest.mark.parametrize("arch,kw,why,last_grid", NOT_ON_THE_GRID, ids=["swin", "xcit", "pit"])
 def test_rollout_refuses_attention_that_is_not_over_the_patch_grid(arch, kw, why, last_grid):
     from nbexplain.hygiene import hook_count
-    model = tiny(arch, **kw)
+    model = make_model(arch, **kw)
     fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
     x = make_input(1, 64)[0]
     for method in ("attention_rollout", "grad_rollout"):
@@ -469,7 +461,7 @@ def test_raw_attention_at_a_windowed_block_names_the_blocks_that_work():
     arch, kw, *_ = NOT_ON_THE_GRID[0]
     with pytest.raises(ValueError, match=r"attention: block 0 .*windowed attention.*Use 'attention' at a block "
                                          r"that lies on the grid \(block 1\)"):
-        nbx.attribute(tiny(arch, **kw), make_input(1, 64)[0], "attention", block=0)
+        nbx.attribute(make_model(arch, **kw), make_input(1, 64)[0], "attention", block=0)
 
 
 def test_guided_backprop_on_a_gelu_vit_warns_and_equals_saliency(vit):

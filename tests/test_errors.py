@@ -106,6 +106,10 @@ def test_a_wrapper_module_keeps_the_layer_roles_of_the_network_inside(vit):
     assert [d["name"] for d in nbx.layers(wrapped, X)] == ["model." + n for n in inner]
     got, plain = nbx.attribute(wrapped, X, "gradcam", target=3), nbx.attribute(vit, X, "gradcam", target=3)
     assert got.meta["layer"] == "model." + plain.meta["layer"] and torch.allclose(got.raw, plain.raw)
+    avg = make_model("test_vit", global_pool="avg")             # pooling is read inside the wrapper too
+    for method in ("attention", "attention_rollout"):
+        assert torch.equal(nbx.attribute(Returns(avg, "tuple").eval(), X, method).raw,
+                           nbx.attribute(avg, X, method).raw)
 
 
 def test_an_output_without_scores_says_how_to_wrap_the_model(cnn):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..context import Context
-from ..layers import TokenLayout, token_layout
+from ..layers import TokenLayout, core, token_layout
 from . import Param, register
 
 FUSIONS = ("mean", "max", "min")
@@ -50,8 +50,8 @@ def to_patches(ctx: Context, rows: torch.Tensor, layout: TokenLayout) -> torch.T
     Prefix tokens are not always a class token: register tokens come first too.
     """
     p = layout.prefix
-    reads_cls = getattr(ctx.model, "cls_token", True) is not None and \
-        getattr(ctx.model, "global_pool", "token") == "token"
+    net = core(ctx.model)[1]
+    reads_cls = getattr(net, "cls_token", True) is not None and getattr(net, "global_pool", "token") == "token"
     class_rows = rows.shape[1] < rows.shape[2]
     source = rows[:, 0, p:] if p > 0 and (reads_cls or class_rows) else rows[:, p:, p:].mean(1)
     return source.reshape(len(rows), *layout.grid)
