@@ -17,14 +17,14 @@ from .calls import eager, inputs_for
 from .context import Context
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
-from .layers import candidates
+from .layers import candidates, grid_extent, layer_name
 from .models import ModelInfo, describe, weights_digest
 
 TOPK = 5
 
 
 def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target: Any = None,
-              layer: str | None = None, labels: Sequence[str] | None = None,
+              layer: str | nn.Module | None = None, labels: Sequence[str] | None = None,
               preprocess: Preprocess | None = None, batch_size: int | None = None,
               progress: Callable[[float], None] | None = None, **params: Any
               ) -> Attribution | list[Attribution]:
@@ -32,11 +32,13 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
 
     ``images``: a path, PIL image, HWC numpy array, (C,H,W)/(N,C,H,W) preprocessed tensor, or a list.
     ``target``: None (the predicted class), a class index, a class name, or one per image.
+    ``layer`` (CAM methods): a name from ``nbx.layers(model)`` or the module itself (``model.layer4``).
     Method parameters (``steps=``, ``samples=``, ``noise=``…) are listed by ``nbx.methods()``.
     Returns one Attribution for one image, a list for a list or an (N,C,H,W) tensor.
     """
     spec = get_method(method)
     model = eager(model)
+    layer = layer_name(model, layer)
     info = describe(model, preprocess, labels)
     prepared = prepare(images, info.preprocess)
     chosen = spec.validate(params)
@@ -96,6 +98,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         if logits is not None:
             ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
+        extent = grid_extent(model, tuple(raw.shape[1:]), tuple(x.shape[2:])) if raw.ndim == 3 else None
+        if extent and spec.kind != "pixel":
+            ctx.meta["grid_extent"] = list(extent)
         targets = ctx.targets                      # a method that never looked at x still gets them
         logits = ctx.logits
     return Run(spec, params, raw.detach(), targets.cpu(), logits.cpu(), ctx.meta, ctx.per_image, device)
@@ -150,7 +155,8 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> 
     out = []
     for i in range(len(run.targets)):
         raw = run.raw[i:i + 1].float().cpu()
-        m = display_map(raw, run.spec.kind, reduce_, tuple(prepared.x.shape[2:])).numpy()
+        m = display_map(raw, run.spec.kind, reduce_, tuple(prepared.x.shape[2:]),
+                        run.meta.get("grid_extent")).numpy()
         original = prepared.originals[i]
         m = on_image(m, original, prepared.boxes[i] if prepared.boxes else None)
         m, scale = normalise(m)

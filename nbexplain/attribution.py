@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,15 +65,23 @@ class Attribution:
                 f"map={self.map.shape}{extra})")
 
 
-def display_map(raw: torch.Tensor, kind: str, reduce: str, input_hw: tuple[int, int]) -> torch.Tensor:
-    """Method-native (1, ...) tensor -> (H, W) map at the model input's resolution, not yet normalised."""
+def display_map(raw: torch.Tensor, kind: str, reduce: str, input_hw: tuple[int, int],
+                extent: Sequence[int] | None = None) -> torch.Tensor:
+    """Method-native (1, ...) tensor -> (H, W) map at the model input's resolution, not yet normalised.
+
+    ``extent``: the pixels a ViT's patch grid covers from the top-left corner when they differ from
+    the input's (see ``layers.grid_extent``); the grid is laid over them, then cropped or zero-padded.
+    """
     if kind == "pixel":
         r = raw[0]
         if reduce == "absmax":
             return r.abs().amax(0)
         return r.mean(0) if reduce == "mean" else r.sum(0)
     m = raw[0].float()
-    return F.interpolate(m[None, None], size=input_hw, mode="bilinear", align_corners=False)[0, 0]
+    eh, ew = extent if extent else input_hw
+    m = F.interpolate(m[None, None], size=(eh, ew), mode="bilinear", align_corners=False)[0, 0]
+    h, w = input_hw
+    return F.pad(m[:h, :w], (0, max(0, w - ew), 0, max(0, h - eh)))
 
 
 def normalise(m: np.ndarray) -> tuple[np.ndarray, float]:

@@ -84,6 +84,26 @@ def _patch_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] 
     return _pair(grid) if grid is not None else None
 
 
+def grid_extent(model: nn.Module, grid: tuple[int, int], input_hw: tuple[int, int]) -> tuple[int, int] | None:
+    """The pixels, from the top-left corner, that a ViT's patch grid covers when they are not the input's.
+
+    A dynamic-size ViT pads the input on the bottom and right up to whole patches (timm's
+    ``dynamic_img_pad``; a plain strided conv drops the remainder instead): the grid must be laid over
+    that extent, not stretched over the image, or each cell drifts by up to one patch.
+    """
+    model = core(model)[1]
+    pe = getattr(model, "patch_embed", None)
+    patch = getattr(pe, "patch_size", None)
+    if patch is None or tuple(grid) != _patch_grid(model, input_hw):
+        return None
+    patch = _pair(patch)
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, nn.Conv2d) and (tuple(proj.kernel_size) != patch or tuple(proj.stride) != patch):
+        return None                       # overlapping or hierarchical embeddings (PiT): the grid spans the image
+    extent = (grid[0] * patch[0], grid[1] * patch[1])
+    return None if extent == tuple(input_hw) else extent
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -248,6 +268,19 @@ def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
         return (blocks or tokens)[-1]
     big = [layer for layer in convs if min(layer.grid) >= 7]
     return (big or convs or layers)[-1]
+
+
+def layer_name(model: nn.Module, layer) -> str | None:
+    """A layer given as a module of ``model`` (pytorch-grad-cam's ``model.layer4[-1]``) -> its name."""
+    if not isinstance(layer, nn.Module):
+        return layer
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    if name is None:
+        raise ValueError(f"layer: the {type(layer).__name__} passed is not a module of this model (a copy, or "
+                         "another model's?); pass one of its own modules or a name from nbx.layers(model)")
+    if name == "":
+        raise ValueError("layer: that is the whole model; pass one of its layers (nbx.layers(model) lists them)")
+    return name
 
 
 def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer | None) -> Layer:

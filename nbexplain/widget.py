@@ -12,9 +12,12 @@ import ipywidgets
 import numpy as np
 import traitlets as t
 from PIL import Image
+from torch import nn
 
 from .methods import REGISTRY, get as get_method
 from .attribution import Attribution
+from .calls import eager
+from .layers import layer_name
 from .models import describe, load_model
 from .pipeline import Graph
 from .session import DEFAULT_CACHE_BYTES, Session, make_items
@@ -170,8 +173,10 @@ class ExplorerView(anywidget.AnyWidget):
         except Exception as e:                      # shown in the widget and in the cell
             if self._current(generation):
                 self.last_error = e
-                self.error = f"{type(e).__name__}: {e}"
-                self.status = "error"
+                with self.hold_sync():
+                    self.error = f"{type(e).__name__}: {e}"
+                    self.layer_used = ""            # the last map's layer is not what this request used
+                    self.status = "error"
                 if self.on_error:
                     self.on_error(e)
         finally:
@@ -382,6 +387,9 @@ def explain(model: Any = None, images: Any = None, *, labels: Sequence[str] | No
     from .samples import sample_image
     if model is None or isinstance(model, str):
         model = load_model(model, pretrained=isinstance(model, str) and not model.startswith("synthetic"))
+    model = eager(model)
+    if isinstance(controls.get("layer"), nn.Module):
+        controls["layer"] = layer_name(model, controls["layer"])
     info = describe(model, preprocess, labels)
     if images is None:
         images = [sample_image(n) for n in ("cat", "coffee", "astronaut", "rocket")]

@@ -12,7 +12,8 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import nbexplain as nbx
-from conftest import make_input, make_model
+from nbexplain.trust.faithfulness import input_map
+from conftest import assert_close, make_input, make_model
 
 METHODS = {m["name"]: m for m in nbx.methods()}
 LIGHT = {"integrated_gradients": {"steps": 8}, "smoothgrad": {"samples": 4}, "smoothgrad_sq": {"samples": 4},
@@ -579,3 +580,19 @@ def test_named_blocks_in_a_features_sequence_are_cam_candidates():
         assert names == expected, names
         out = nbx.attribute(model, x, "gradcam")[0]
         assert out.meta["layer"] == expected[-1]
+
+
+@pytest.mark.parametrize("method", ["attention", "attention_rollout", "gradcam"])
+def test_a_padded_patch_grid_is_laid_over_the_padded_extent_not_stretched(method):
+    """timm's dynamic_img_pad pads a 100x70 input with zeros to 112x80 (7x5 patches of 16): the map of
+    the image must be the map of the explicitly padded image, cropped — not the grid stretched over
+    100x70, which shifts the last cells by most of a patch."""
+    model = make_model("test_vit", img_size=96, dynamic_img_size=True, dynamic_img_pad=True)
+    x = make_input(size=(100, 70))[0]
+    padded = torch.nn.functional.pad(x, (0, 10, 0, 12))
+    a = nbx.attribute(model, x, method)
+    ref = nbx.attribute(model, padded, method)
+    assert a.raw.shape == ref.raw.shape == (1, 7, 5)
+    assert a.meta["grid_extent"] == [112, 80] and "grid_extent" not in ref.meta
+    assert_close(a.map * a.scale, (ref.map * ref.scale)[:100, :70])
+    assert_close(input_map(a), a.map * a.scale)       # the faithfulness curves rank the same pixels

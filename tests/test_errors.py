@@ -1,6 +1,7 @@
 """Mistakes get clear errors that name the argument (and suggest a fix); odd images just work."""
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -44,6 +45,17 @@ def test_unknown_layer_suggests_close_match(cnn):
         nbx.attribute(make_model("test_vit"), X, "gradcam", layer="blocks.5.nrom1")
     with pytest.raises(TypeError, match="layer"):
         nbx.attribute(cnn, X, "gradcam", layer=3)
+
+
+def test_a_layer_given_as_a_module_is_read_by_its_name(cnn):
+    """pytorch-grad-cam users pass ``model.layer4[-1]``: the same map as the name, and the name in meta."""
+    by_module = nbx.attribute(cnn, X, "gradcam", layer=cnn.layer3[-1])
+    assert by_module.meta["layer"] == "layer3.0"
+    np.testing.assert_array_equal(by_module.map, nbx.attribute(cnn, X, "gradcam", layer="layer3.0").map)
+    with pytest.raises(ValueError, match="not a module of this model"):
+        nbx.attribute(cnn, X, "gradcam", layer=copy.deepcopy(cnn.layer3))
+    with pytest.raises(ValueError, match="whole model"):
+        nbx.attribute(cnn, X, "gradcam", layer=cnn)
 
 
 @pytest.mark.parametrize("name", ["fc", "global_pool"])

@@ -207,4 +207,9 @@ def test_a_compiled_model_is_explained_through_its_eager_module():
         assert torch.equal(got.raw, run(model, x, method).raw)
         assert "_orig_mod" not in str(got.meta.get("layer"))
     assert [d["name"] for d in nbx.layers(compiled, x)] == [d["name"] for d in nbx.layers(model, x)]
+    w = nbx.explain(compiled, [x], method="gradcam")               # the explorer too
+    try:
+        assert torch.equal(w.wait().raw, run(model, x, "gradcam").raw)
+    finally:
+        w.close()
     assert hook_count(model) == 0

@@ -80,8 +80,9 @@ def test_layer_switch_for_a_cam_runs_no_model_pass(cnn, images):
 
 
 def test_cam_results_equal_the_direct_api(cnn, images):
-    w = nbx.explain(cnn, images, method="xgradcam", layer="layer3", target=2)
+    w = nbx.explain(cnn, images, method="xgradcam", layer=cnn.layer3, target=2)   # a module works as a name
     w.wait()
+    assert w.layer == w.layer_used == "layer3"
     direct = nbx.attribute(cnn, images[0], "xgradcam", layer="layer3", target=2)
     torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-5, atol=1e-6)
     w.close()
@@ -158,6 +159,7 @@ def test_errors_reach_the_widget_and_the_caller(cnn, images):
     with pytest.raises(ValueError, match="layer"):
         w.wait()
     assert w.status == "error" and "layer9" in w.error and "Did you mean" in w.error
+    assert w.layer_used == ""               # no stale "layer9 → used layer3" beside the error
     outputs = w.errors.outputs
     assert any("layer9" in o.get("text", "") for o in outputs)
     w.layer = "layer3"

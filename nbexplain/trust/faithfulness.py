@@ -37,7 +37,8 @@ def input_map(exp: Attribution) -> torch.Tensor:
     from ..methods import get
     spec = get(exp.method)
     return display_map(exp.raw, spec.kind, exp.meta.get("display_reduce", spec.reduce),
-                       tuple(exp.input.shape[2:]) if exp.input is not None else exp.map.shape)
+                       tuple(exp.input.shape[2:]) if exp.input is not None else exp.map.shape,
+                       exp.meta.get("grid_extent"))
 
 
 def deletion_insertion(model, exp: Attribution, *, saliency: np.ndarray | torch.Tensor | None = None,
