@@ -76,25 +76,31 @@ def eigencam(A, G, ctx):
      "channel (gradient-free, one batched forward per channel).", "Wang et al. 2020", gradients=False)
 def scorecam(A, G, ctx):
     n, c = A.shape[:2]
-    up = F.interpolate(A, size=ctx.x.shape[2:], mode="bilinear", align_corners=True)
-    lo = up.flatten(2).amin(2)[:, :, None, None]
-    hi = up.flatten(2).amax(2)[:, :, None, None]
-    masks = (up - lo) / (hi - lo + 1e-8)                      # (N, C, H, W)
     # a constant channel (dead after a ReLU, say) masks the image to exactly zero: all such channels
     # share one score, so they cost one forward, not one each
-    flat = (hi == lo)[:, :, 0, 0]
+    flat = A.flatten(2).amax(2) == A.flatten(2).amin(2)
     scores = torch.empty(n, c, device=A.device)
     for i in range(n):
         live = (~flat[i]).nonzero()[:, 0]
         order = torch.cat([live, flat[i].nonzero()[:1, 0]])   # the live channels, then one dead
         for j in range(0, len(order), ctx.batch_size):
             idx = order[j:j + ctx.batch_size]
-            m = masks[i, idx, None]
-            scores[i, idx] = ctx.scores(ctx.x[i:i + 1] * m, ctx.targets[i].repeat(len(m)))
+            # masks are made per chunk: all of them at once is C x H x W floats per image (3 GB for a
+            # batch of 8 at resnet50's layer4)
+            scores[i, idx] = ctx.scores(ctx.x[i:i + 1] * _unit_masks(A[i, idx], ctx.x.shape[2:]),
+                                        ctx.targets[i].repeat(len(idx)))
             ctx.report((i + (j + len(idx)) / len(order)) / n)
         if len(live) < c:
             scores[i, flat[i]] = scores[i, order[-1]]
     return _weighted(A, scores.softmax(1))
+
+
+def _unit_masks(acts: torch.Tensor, size) -> torch.Tensor:
+    """(k,h,w) activations -> (k,1,H,W) upsampled and scaled to [0, 1] each (Score-CAM's masks)."""
+    up = F.interpolate(acts[:, None], size=tuple(size), mode="bilinear", align_corners=True)
+    lo = up.flatten(1).amin(1)[:, None, None, None]
+    hi = up.flatten(1).amax(1)[:, None, None, None]
+    return (up - lo) / (hi - lo + 1e-8)
 
 
 @register("guided_gradcam", kind="pixel", signed=False, reduce="absmax", needs_layer=True,
