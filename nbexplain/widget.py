@@ -23,6 +23,11 @@ from .pipeline import Graph
 from .session import DEFAULT_CACHE_BYTES, Session, make_items
 
 _STATIC = pathlib.Path(__file__).parent / "static"
+if not (_STATIC / "widget.js").is_file():
+    # a checkout used without a build: the bundle is a git-ignored artifact of `npm run build`
+    raise ImportError(f"nbexplain's widget frontend is not built ({_STATIC / 'widget.js'} is missing): run "
+                      "`make test` or `npm install && npm run build` in the checkout, or install with "
+                      "`pip install .`, which builds it (Node.js >= 20 needed)")
 MAX_COMPARE = 4
 # In the widget, IG defaults to a rule whose grids nest when steps double, so raising the steps
 # slider only computes the new points (Gauss-Legendre, the API default, never reuses any).
