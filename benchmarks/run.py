@@ -24,6 +24,9 @@ Method (read before quoting a number):
 - bound (IG, SmoothGrad): a bare batched forward + ``torch.autograd.grad`` w.r.t. the input (parameters
   frozen) of the same number of evaluations in chunks of the same size, with the input in the memory
   format nbexplain uses for that model (channels-last for CNNs on the CPU); efficiency = bound / ours.
+- CUDA: TF32 is turned off for the whole process (``cudnn.allow_tf32`` and ``cuda.matmul.allow_tf32``), so
+  peers and bounds run in FP32 like nbexplain, which always attributes in FP32 (TF32 convolutions, PyTorch's
+  default, put a resnet50 saliency map 6-17% off the FP32 one: not an equal result).
 - CPU CNN rows: nbexplain feeds channels-last inputs, so its fp32 sums run in another order than a peer's.
   Where a model amplifies that past the tolerance (random-weight EfficientNet), the check falls back to the
   peer run on the same channels-last input (its NHWC twin), and the twin's own distance is printed.
@@ -183,6 +186,7 @@ def machine(device: str) -> dict:
         info["versions_error"] = repr(e)
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["tf32"] = bool(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
     return info
 
 
@@ -977,7 +981,8 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
     (b.out / "bench.json").write_text(json.dumps(data, indent=1, default=str))
     L = ["# nbexplain benchmarks", ""]
     L.append(f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
-             f"({info['threads']} threads), device **{s.device}**" + (f" ({info.get('gpu')})" if info.get("gpu") else "")
+             f"({info['threads']} threads), device **{s.device}**"
+             + (f" ({info.get('gpu')}, TF32 {'on' if info.get('tf32') else 'off'} for everyone)" if info.get("gpu") else "")
              + f"; load average {tuple(round(v, 1) for v in info['load_avg_start'])} at start, "
                f"{tuple(round(v, 1) for v in info['load_avg_end'])} at the end (shared machine: compare ratios)")
     L.append(f"- peers: captum {info.get('captum')}, grad-cam {info.get('grad_cam')}, torchcam {info.get('torchcam')}; "
@@ -1116,6 +1121,8 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
+    if args.device == "cuda":                       # equal settings: everyone in FP32 (see the docstring)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args._memory:
         print(json.dumps(memory_child(json.loads(args._memory))))
         return 0

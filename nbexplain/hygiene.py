@@ -45,7 +45,7 @@ def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
         if m.training:
             training.append(m)
         grads += [p for p in m._parameters.values() if p is not None and p.requires_grad]
-        if hasattr(m, "fused_attn"):
+        if "fused_attn" in m.__dict__ or hasattr(type(m), "fused_attn"):   # hasattr(m) raises per module
             fused.append((m, m.fused_attn))
     try:
         for m in training:

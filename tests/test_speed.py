@@ -97,3 +97,19 @@ def test_a_cam_records_no_autograd_graph_before_its_layer(zoo):
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_smoothgrad_draws_each_noise_sample_once(zoo, monkeypatch):
+    """The unit noise depends on (seed, index, shape) only: a second image, or the same call again, draws
+    none (on a GPU the CPU draw and copy outweighed the passes), and the maps are unchanged by the reuse."""
+    from nbexplain.methods.smoothgrad import _UNIT_NOISE
+    model, x = zoo("resnet"), make_input(2)
+    draws, randn = [], torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(1) or randn(*a, **k))
+    kw = dict(samples=5, noise=0.2, seed=987_654, target=TARGET)
+    first = nbx.attribute(model, x[:1], "smoothgrad", **kw)[0]
+    assert len(draws) == 5
+    again = nbx.attribute(model, x, "smoothgrad", **kw)          # the same image again, and another
+    assert len(draws) == 5
+    torch.testing.assert_close(again[0].raw, first.raw)
+    assert _UNIT_NOISE.bytes <= _UNIT_NOISE.max_bytes
