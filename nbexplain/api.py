@@ -98,8 +98,10 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         if logits is not None:
             ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
-        extent = grid_extent(model, tuple(raw.shape[1:]), tuple(x.shape[2:])) if raw.ndim == 3 else None
-        if extent and spec.kind != "pixel":
+        # a map on a ViT's patch grid that covers more (or less) than the input: where to lay it
+        extent = grid_extent(model, tuple(raw.shape[1:]), tuple(x.shape[2:])) \
+            if spec.kind != "pixel" and raw.ndim == 3 else None
+        if extent:
             ctx.meta["grid_extent"] = list(extent)
         targets = ctx.targets                      # a method that never looked at x still gets them
         logits = ctx.logits

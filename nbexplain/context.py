@@ -143,10 +143,7 @@ class Context:
         def hook_for(name):
             def hook(_m, _inp, out):
                 t = first_tensor(out)
-                if gradients and not t.requires_grad and t.is_floating_point():
-                    # the graph starts at the first captured layer: the passes before it record
-                    # nothing for autograd (6-13% of a CNN's Grad-CAM on the CPU)
-                    t = t.detach().requires_grad_(True)
+                t = graph_start(t) if gradients else t
                 outputs[name] = t
                 # later in-place ops (ReLU(inplace=True)) must not rewrite what we captured
                 clone = t.clone()
@@ -196,8 +193,7 @@ class Context:
 
         def hook(name):
             def record(_m, _inp, out):
-                if gradients and not out.requires_grad:
-                    out = out.detach().requires_grad_(True)     # the graph starts at the first block
+                out = graph_start(out) if gradients else out
                 maps.append(out)
                 names.append(name.removesuffix(".attn_drop"))
                 return out.clone()          # later ops use the clone, so d score / d out is defined
@@ -218,6 +214,18 @@ class Context:
                 grads = [g.detach() for g in torch.autograd.grad(score, maps)]
         self.report(1.0)
         return Attention([m.detach() for m in maps], grads, names)
+
+
+def graph_start(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a leaf that needs a gradient, unless the graph already reaches it.
+
+    The input never requires grad for a layer's or an attention map's gradient, and the parameters are
+    frozen: the autograd graph starts at the first captured tensor, so the passes before it record
+    nothing (6-13% of a CNN's Grad-CAM on the CPU).
+    """
+    if t.requires_grad or not t.is_floating_point():
+        return t
+    return t.detach().requires_grad_(True)
 
 
 class Attention(NamedTuple):
