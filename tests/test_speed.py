@@ -9,7 +9,7 @@ from torch import nn
 import nbexplain as nbx
 from nbexplain.hygiene import borrowed, hook_count
 from nbexplain.speed import input_format
-from conftest import TARGET, assert_close, make_input
+from conftest import TARGET, assert_close, make_input, make_model
 
 
 class FlattensWithView(nn.Module):
@@ -73,8 +73,8 @@ def test_models_that_assume_nchw_strides_keep_nchw():
         assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
 
 
-def test_the_probe_runs_in_eval_mode_and_restores_train_mode(zoo):
-    model, x = zoo("resnet"), make_input(size=80)        # a new shape: a fresh probe
+def test_the_probe_runs_in_eval_mode_and_restores_train_mode():
+    model, x = make_model("resnet"), make_input(size=80)  # its own model: it is left in train mode
     model.train()
     stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     nbx.attribute(model, x, "saliency", target=TARGET)
