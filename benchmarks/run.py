@@ -23,13 +23,15 @@ Method (read before quoting a number):
   requires_grad=True; grad-cam/torchcam extractors built inside the timed call with ``with``).
 - bound (IG, SmoothGrad): a bare batched forward + ``torch.autograd.grad`` w.r.t. the input (parameters
   frozen) of the same number of evaluations in chunks of the same size, with the input in the memory
-  format nbexplain uses for that model (channels-last for CNNs on the CPU); efficiency = bound / ours.
+  format nbexplain uses for that model (channels-last for CNNs on the CPU), of the model as the user
+  has it (BatchNorm not folded); efficiency = bound / ours, so above 1 is the fold's gain.
 - CUDA: TF32 is turned off for the whole process (``cudnn.allow_tf32`` and ``cuda.matmul.allow_tf32``), so
   peers and bounds run in FP32 like nbexplain, which always attributes in FP32 (TF32 convolutions, PyTorch's
   default, put a resnet50 saliency map 6-17% off the FP32 one: not an equal result).
-- CPU CNN rows: nbexplain feeds channels-last inputs, so its fp32 sums run in another order than a peer's.
-  Where a model amplifies that past the tolerance (random-weight EfficientNet), the check falls back to the
-  peer run on the same channels-last input (its NHWC twin), and the twin's own distance is printed.
+- CNN rows: nbexplain feeds channels-last inputs on the CPU and folds BatchNorm into the convs in batched
+  passes, so its fp32 sums run in another order than a peer's. Where a model amplifies that past the
+  tolerance (random-weight EfficientNet), the check falls back to the peer run on the model as nbexplain
+  runs it (its NHWC twin: same layout, same fold), and the twin's own distance is printed.
 """
 from __future__ import annotations
 
@@ -257,15 +259,22 @@ def ours(model, x, method, targets, bs, **params):
 
 
 class NHWC(torch.nn.Module):
-    """The model fed channels-last inputs, as nbexplain feeds CNNs on the CPU (a peer's own input
-    handling, e.g. captum's path interpolation, would otherwise turn an NHWC input back into NCHW)."""
+    """The model run the way nbexplain runs it: channels-last inputs on the CPU and BatchNorm folded into
+    its convs (``nbexplain.speed.plan``), so a peer computes the same sums in the same order. (A peer's own
+    input handling, e.g. captum's path interpolation, would otherwise turn an NHWC input back into NCHW.)"""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, x):
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+        from nbexplain.folding import folded, folded_weights
+        from nbexplain.hygiene import borrowed
+        from nbexplain.speed import plan
+        with borrowed(self.model):
+            p = plan(self.model, x)
+        with folded(list(p.pairs), folded_weights(list(p.pairs))):
+            return self.model(x.contiguous(memory_format=p.memory_format))
 
 
 def captum_fn(model, x, kind, targets, bs, **kw):
@@ -354,8 +363,8 @@ def torchcam_fn(model, x, method, targets, layer_name, reshape, bs):
 
 def bound_fn(model, points: int, x, bs: int):
     """Bare chunked forward + input-only backward of `points` evaluations (the floor for IG/SmoothGrad),
-    in the memory format nbexplain picks for this model (channels-last for CNNs on the CPU): the bound
-    is what the hardware does with the best layout, so efficiency > 1 means a measurement error, not a win."""
+    in the memory format nbexplain picks for this model (channels-last for CNNs on the CPU), of the model
+    as the user has it: efficiency > 1 is BatchNorm folding's gain (a CNN's BN passes are not run)."""
     from nbexplain.hygiene import borrowed
     from nbexplain.speed import input_format
     with borrowed(model):
@@ -1000,7 +1009,7 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
                  "Skipped rows are listed below the table.")
     L += ["", "## Speed at equal results", "",
           "ratio = best agreeing peer's median ÷ ours (> 1: nbexplain faster). bound = bare chunked "
-          "forward+input-backward of the same evaluations; eff = bound ÷ ours (1.0 = no overhead).", "",
+          "forward+input-backward of the same evaluations; eff = bound ÷ ours (1.0 = no overhead; above 1 on CNNs: the BatchNorm passes that folding removes).", "",
           "| model | batch | method | ours | best peer | peer | ratio | bound | eff | agreement | n |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in b.rows:

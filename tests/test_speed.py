@@ -8,7 +8,7 @@ from torch import nn
 
 import nbexplain as nbx
 from nbexplain.hygiene import borrowed, hook_count
-from nbexplain.speed import input_format
+from nbexplain.speed import input_format, plan
 from conftest import TARGET, assert_close, make_input, make_model
 
 
@@ -113,3 +113,110 @@ def test_smoothgrad_draws_each_noise_sample_once(zoo, monkeypatch):
     assert len(draws) == 5
     torch.testing.assert_close(again[0].raw, first.raw)
     assert _UNIT_NOISE.bytes <= _UNIT_NOISE.max_bytes
+
+
+# --- BatchNorm folding -------------------------------------------------------------------------------
+class ConvOutputReadTwice(nn.Module):
+    """A conv whose output feeds its BN *and* a skip connection: folding would change the skip."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = torch.relu(self.bn(y)) + y
+        return self.head(self.bn2(self.conv2(z)).mean((2, 3)))
+
+
+def batch_norm_calls(monkeypatch) -> list[int]:
+    """The batch size of every F.batch_norm call from now on."""
+    import torch.nn.functional as F
+    sizes, real = [], F.batch_norm
+    monkeypatch.setattr(F, "batch_norm", lambda x, *a, **k: sizes.append(len(x)) or real(x, *a, **k))
+    return sizes
+
+
+def test_batched_passes_fold_batchnorm_into_the_convs_with_the_same_results(zoo, monkeypatch):
+    for arch in ("resnet", "efficientnet"):
+        model, x = zoo(arch), make_input()
+        with borrowed(model):
+            pairs = plan(model, x).pairs
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(pairs) == len(bns), arch            # every BN of these nets follows its conv
+        sizes = batch_norm_calls(monkeypatch)
+        ours = nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=8, rule="riemann_right",
+                             baseline="zeros")
+        assert sizes and max(sizes) == 1, f"{arch}: the batched path passes still ran BatchNorm"
+        ref = IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=8, method="riemann_right")
+        assert_close(ours[0].raw, ref)
+        monkeypatch.undo()
+
+
+def test_folding_reads_the_weights_of_each_call():
+    """Training between calls through ``p.data`` bumps no version counter: a cached fold would be stale."""
+    model, x = make_model("resnet"), make_input(2)
+    nbx.attribute(model, x, "saliency", target=TARGET)           # batch 2: a folded pass
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.data.mul_(3.0)
+                m.weight.data.add_(0.5)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data.mul_(-1.0)
+    ours = nbx.attribute(model, x, "saliency", target=TARGET)
+    ref = Saliency(model).attribute(x.clone(), target=TARGET, abs=False)
+    assert_close(torch.cat([a.raw for a in ours]), ref)
+
+
+def test_a_conv_output_that_feeds_more_than_its_batchnorm_is_not_folded():
+    model, x = ConvOutputReadTwice().eval(), make_input(2)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn2.running_mean.normal_(0, 0.3)
+    with borrowed(model):
+        pairs = plan(model, x).pairs
+    assert pairs == ()        # the folded logits differ, so no pair of this model is folded
+    ours = nbx.attribute(model, x, "saliency", target=3)
+    ref = Saliency(model).attribute(x.clone(), target=3, abs=False)
+    assert_close(torch.cat([a.raw for a in ours]), ref)
+
+
+def test_a_hooked_conv_is_not_folded_and_every_module_is_restored(zoo):
+    """The user's hook on a conv sees the conv's own output; after the call (even one that fails
+    mid-pass) every conv has its own parameters back and no BN keeps a replaced forward."""
+    model, x = make_model("resnet"), make_input(2)
+    seen = []
+    stem = model.conv1[0]                                    # a conv whose output feeds a BN
+    handle = stem.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), o.detach().clone())))
+    params = {n: p for n, p in model.named_parameters()}
+    try:
+        nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=4)
+        batched = [(i, o) for i, o in seen if len(i) > 1]
+        assert batched
+        with torch.no_grad():
+            for i, o in batched:
+                assert_close(o, nn.functional.conv2d(i, stem.weight, None, 2, 1))
+    finally:
+        handle.remove()
+
+    def fail_in_batched_passes(_m, args):
+        if len(args[0]) > 1:
+            raise RuntimeError("boom")
+    h2 = model.fc.register_forward_pre_hook(fail_in_batched_passes)
+    try:
+        try:
+            nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=4)
+        except RuntimeError as e:
+            assert "boom" in str(e)
+        else:
+            raise AssertionError("the hook's error was swallowed")
+    finally:
+        h2.remove()
+    assert {n: p for n, p in model.named_parameters()} == params
+    assert all(dict(model.named_parameters())[n] is p for n, p in params.items())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert hook_count(model) == 0
