@@ -3,7 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import attribute, layers, methods  # noqa: E402
+from . import methods  # noqa: E402  (callable: nbx.methods() lists them)
+from .api import attribute, layers  # noqa: E402
 from .attribution import Attribution  # noqa: E402
 from .export import replay  # noqa: E402
 from .images import Preprocess  # noqa: E402

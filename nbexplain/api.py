@@ -1,4 +1,4 @@
-"""The public entry points: attribute(), methods(), layers()."""
+"""The public entry points: attribute() and layers()."""
 from __future__ import annotations
 
 import datetime
@@ -193,11 +193,6 @@ def provenance(run: Run, info: ModelInfo, model: nn.Module) -> dict:
                          "python": platform.python_version()},
             "device": str(run.device), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "model_mode": "eval (restored after the call)"}
-
-
-def methods() -> list[dict]:
-    """Every method with its parameter schema (name, type, default, range, help)."""
-    return [m.schema() for m in REGISTRY.values()]
 
 
 def layers(model: nn.Module, image: Any = None, *, all: bool = False,

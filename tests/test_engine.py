@@ -596,3 +596,13 @@ def test_a_padded_patch_grid_is_laid_over_the_padded_extent_not_stretched(method
     assert a.meta["grid_extent"] == [112, 80] and "grid_extent" not in ref.meta
     assert_close(a.map * a.scale, (ref.map * ref.scale)[:100, :70])
     assert_close(input_map(a), a.map * a.scale)       # the faithfulness curves rank the same pixels
+
+
+def test_the_methods_package_is_importable_and_nbx_methods_lists_it():
+    """``nbx.methods()`` must not shadow the package a user imports to add a method of their own."""
+    import importlib
+    integrated = importlib.import_module("nbexplain.methods.integrated")
+    exec("import nbexplain.methods.integrated as by_statement", ns := {})
+    assert ns["by_statement"] is integrated
+    from nbexplain.methods import REGISTRY
+    assert [m["name"] for m in nbx.methods()] == list(REGISTRY)

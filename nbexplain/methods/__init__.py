@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -108,6 +110,21 @@ def get(name: str) -> Method:
         raise unknown("method", name, REGISTRY)
     return REGISTRY[name]
 
+
+def schemas() -> list[dict]:
+    """Every method with its parameter schema (name, type, default, range, help)."""
+    return [m.schema() for m in REGISTRY.values()]
+
+
+class _Listing(types.ModuleType):
+    """``nbx.methods()`` lists the methods while ``nbexplain.methods`` stays this package: a function
+    of that name in ``nbexplain`` would shadow it (``import nbexplain.methods.integrated`` failed)."""
+
+    def __call__(self) -> list[dict]:
+        return schemas()
+
+
+sys.modules[__name__].__class__ = _Listing
 
 SEED = Param("seed", "int", 0, "random seed: the same seed gives the same map", 0, 2**31 - 1, 1)
 
