@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .api import attribute
 from .attribution import Attribution
-from .calls import inputs_for, logits_of
+from .calls import eager, inputs_for, logits_of
 from .hygiene import borrowed, model_device
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
@@ -270,6 +270,7 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
         raise ValueError(f"flag_rule: use one of {', '.join(FLAG_RULES)}")
     if batch_size < 1:
         raise ValueError("batch_size: must be at least 1")
+    model = eager(model)            # its own passes (probabilities, curves) too, not only attribute()'s
     source = _Source(images, batch_size)
     total = source.total
     mask_list = _mask_list(masks, total)
@@ -553,6 +554,7 @@ def batched_curves(model: torch.nn.Module, exps: list[Attribution], *, steps: in
         raise ValueError("fill: use 'blur' or 'mean'")
     fractions = np.linspace(0, 1, steps + 1)
     per_image = 2 * (steps + 1)
+    model = eager(model)
     device = model_device(model)
     results: list[np.ndarray | None] = [None] * len(exps)
     pending: list[tuple[int, torch.Tensor]] = []      # (image index, its perturbed stack)

@@ -213,3 +213,22 @@ def test_a_compiled_model_is_explained_through_its_eager_module():
     finally:
         w.close()
     assert hook_count(model) == 0
+
+
+def test_the_batch_and_trust_tools_run_a_compiled_model_through_its_eager_module():
+    """explain_batch, the faithfulness curves and the randomisation test call the model themselves: a
+    compiled one would be recompiled per batch shape, and its only child is ``_orig_mod``, so the
+    randomisation test would randomise everything in one step."""
+    from nbexplain.trust import deletion_insertion, layer_groups, randomization_test
+    model, _ = build("cnn")
+    compiles = []
+    compiled = torch.compile(model, backend=lambda gm, _inputs: compiles.append(1) or gm.forward)
+    x = torch.randn(3, SIZE, SIZE)
+    assert layer_groups(compiled) == layer_groups(model) and len(layer_groups(model)) > 1
+    report = randomization_test(compiled, x, ["saliency"])
+    assert report.steps == randomization_test(model, x, ["saliency"]).steps
+    exp = run(compiled, x, "saliency")
+    deletion_insertion(compiled, exp, steps=4)
+    nbx.explain_batch(compiled, torch.randn(2, 3, SIZE, SIZE), "saliency", faithfulness=True, progress=False)
+    assert compiles == [], "Dynamo compiled the model: a tool called the compiled wrapper"
+    assert hook_count(model) == 0

@@ -17,6 +17,7 @@ import ipywidgets
 import numpy as np
 
 from ..api import attribute
+from ..calls import eager
 from .agreement import DISAGREE_BELOW, Agreement
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
@@ -56,7 +57,7 @@ class TrustPanel(ipywidgets.VBox):
             raise ValueError("methods: name at least one method")
         if mode not in ("cascading", "independent"):
             raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
-        self.model, self.image, self.methods, self.target = model, image, methods, target
+        self.model, self.image, self.methods, self.target = eager(model), image, methods, target
         self.params = {m: dict(v) for m, v in (params or {}).items()}
         self.mode, self.groups, self.steps, self.fill, self.seed = mode, groups, steps, fill, seed
         self.report: RandomizationReport | None = None

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..api import attribute
+from ..calls import eager
 from ..models import describe, register
 from .similarity import compare
 
@@ -51,7 +52,7 @@ class RandomizationReport:
 def layer_groups(model: nn.Module) -> list[str]:
     """Parameterised blocks in forward order: top-level modules, with stage containers split into blocks."""
     groups = []
-    for name, child in model.named_children():
+    for name, child in eager(model).named_children():
         kids = list(child.named_children())
         numbered = kids and all(k.isdigit() for k, _ in kids)
         for sub, m in (kids if numbered else [("", child)]):
@@ -77,6 +78,7 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
     if mode not in ("cascading", "independent"):
         raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
     params = params or {}
+    model = eager(model)              # a torch.compile'd model: randomise (copies of) the module it wraps
     info = describe(model)
     groups = list(groups if groups is not None else layer_groups(model))[::-1]   # top (logits) first
     if not groups:
