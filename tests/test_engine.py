@@ -606,3 +606,22 @@ def test_the_methods_package_is_importable_and_nbx_methods_lists_it():
     assert ns["by_statement"] is integrated
     from nbexplain.methods import REGISTRY
     assert [m["name"] for m in nbx.methods()] == list(REGISTRY)
+
+
+def test_smoothgrad_with_fewer_samples_resumes_from_the_nearest_cached_chunk(zoo):
+    """The explorer keeps the running sums at every chunk end: after 50 samples, asking for 20 costs the
+    4 past the chunk end at 16 (it used to redraw all 20), and the map is the 20-sample one."""
+    from nbexplain.api import compute
+    from nbexplain.methods import get
+    from nbexplain.models import describe
+    model, x = zoo("resnet"), make_input()
+    spec, memo = get("smoothgrad"), {}
+    with torch.no_grad():
+        logits = model(x)                               # as the explorer passes its forward stage's logits
+    run = lambda n: compute(model, x, spec, spec.validate({"samples": n, "seed": 5}), target=7, layer=None,  # noqa: E731
+                            info=describe(model), batch_size=8, memo=memo, logits=logits, keep_intermediates=True)
+    run(50)
+    fewer = run(20)
+    assert fewer.meta["evaluations"] == 4
+    direct = nbx.attribute(model, x, "smoothgrad", samples=20, seed=5, target=7)
+    torch.testing.assert_close(fewer.raw, direct[0].raw, rtol=1e-4, atol=1e-6)

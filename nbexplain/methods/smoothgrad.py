@@ -58,6 +58,8 @@ def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -
         with ctx.quietly():
             a = BASES[base](ctx, xs, ctx.targets.repeat(len(idx))).view(len(idx), *ctx.x.shape)
         total, squares = total + a.sum(0), squares + (a * a).sum(0)
+        if ctx.keep_intermediates:   # the widget: a smaller count later resumes from the nearest chunk end
+            ctx.memo[key + (idx[-1] + 1,)] = (total, squares)
         ctx.report((start + len(idx) - done) / max(1, samples - done))
     ctx.memo[key + (samples,)] = (total, squares)
     return total, squares
