@@ -68,15 +68,16 @@ def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor]]
     with torch.no_grad():
         for conv, bn in pairs:
             w = conv.weight
-            scale = (bn.running_var.float() + bn.eps).rsqrt()
+            dt = torch.promote_types(w.dtype, torch.float32)   # fp16/bf16 weights are folded in fp32
+            scale = (bn.running_var.to(dt) + bn.eps).rsqrt()
             if bn.weight is not None:
-                scale = scale * bn.weight.float()
-            shift = -bn.running_mean.float() * scale
+                scale = scale * bn.weight.to(dt)
+            shift = -bn.running_mean.to(dt) * scale
             if conv.bias is not None:
-                shift = shift + conv.bias.float() * scale
+                shift = shift + conv.bias.to(dt) * scale
             if bn.bias is not None:
-                shift = shift + bn.bias.float()
-            out.append(((w.float() * scale.view(-1, 1, 1, 1)).to(w.dtype), shift.to(w.dtype)))
+                shift = shift + bn.bias.to(dt)
+            out.append(((w.to(dt) * scale.view(-1, 1, 1, 1)).to(w.dtype), shift.to(w.dtype)))
     return out
 
 
