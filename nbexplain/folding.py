@@ -61,12 +61,16 @@ def find_pairs(model: nn.Module, run: Callable[[], object]) -> list[Pair]:
             if calls[conv] == 1 and calls[bn] == 1 and bn.num_features == conv.out_channels]
 
 
-def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """W·s and (b − μ)·s + β with s = γ/√(σ² + ε), from the current parameters (never cached: a
-    user who trains between calls, even through ``p.data``, gets maps of the new weights)."""
+    user who trains between calls, even through ``p.data``, gets maps of the new weights). None for a
+    pair that can no longer be folded (its BN lost its running statistics since the probe)."""
     out = []
     with torch.no_grad():
         for conv, bn in pairs:
+            if after_fold(bn) is None:
+                out.append(None)
+                continue
             w = conv.weight
             dt = torch.promote_types(w.dtype, torch.float32)   # fp16/bf16 weights are folded in fp32
             scale = (bn.running_var.to(dt) + bn.eps).rsqrt()
@@ -82,7 +86,7 @@ def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @contextmanager
-def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[int]:
+def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[int]:
     """Each conv computes conv + BN and its BN passes its input on; everything is put back on exit.
 
     A pair with a hook on either module stays as it is (a CAM reading that layer, or the user's own
@@ -93,11 +97,11 @@ def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor]]) 
         return
     saved = []
     try:
-        for (conv, bn), (w, b) in zip(pairs, weights):
-            if _hooked(conv) or _hooked(bn):
+        for (conv, bn), wb in zip(pairs, weights):
+            if wb is None or _hooked(conv) or _hooked(bn):
                 continue
             saved.append((conv, bn, conv._parameters["weight"], conv._parameters["bias"]))
-            conv._parameters["weight"], conv._parameters["bias"] = w, b
+            conv._parameters["weight"], conv._parameters["bias"] = wb
             bn.forward = after_fold(bn)
         yield len(saved)
     finally:

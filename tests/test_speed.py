@@ -233,3 +233,16 @@ def test_folding_is_exact_in_float64():
     ref = Saliency(model).attribute(x.clone(), target=TARGET, abs=False)
     assert ref.dtype == torch.float64
     torch.testing.assert_close(ours, ref, rtol=2e-7, atol=1e-7 * float(ref.abs().max()))
+
+
+def test_a_model_edited_after_the_probe_is_folded_as_it_is_now():
+    """Replacing a BN (say, by Identity) or dropping its running statistics after a call must not leave
+    the old BN's statistics folded into its conv."""
+    model, x = make_model("resnet"), make_input(2)
+    nbx.attribute(model, x, "saliency", target=TARGET)                # probed and folded once
+    model.bn1 = nn.Identity()
+    block = model.layer1[0]
+    block.bn1.track_running_stats, block.bn1.running_mean, block.bn1.running_var = False, None, None
+    ours = nbx.attribute(model, x, "saliency", target=TARGET)
+    ref = Saliency(model).attribute(x.clone(), target=TARGET, abs=False)
+    assert_close(torch.cat([a.raw for a in ours]), ref)
