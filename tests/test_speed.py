@@ -246,3 +246,17 @@ def test_a_model_edited_after_the_probe_is_folded_as_it_is_now():
     ours = nbx.attribute(model, x, "saliency", target=TARGET)
     ref = Saliency(model).attribute(x.clone(), target=TARGET, abs=False)
     assert_close(torch.cat([a.raw for a in ours]), ref)
+
+
+def test_the_probe_costs_two_forwards_when_both_paths_hold():
+    """A cold call (the explorer's first map) pays for the probe: both paths are tried together first."""
+    model, x = make_model("resnet"), make_input()
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    try:
+        with borrowed(model):
+            chosen = plan(model, x)
+    finally:
+        handle.remove()
+    assert chosen.memory_format == torch.channels_last and chosen.pairs
+    assert calls == [1, 1]
