@@ -14,3 +14,22 @@ def test_readme_method_table_matches_the_registry():
 def test_readme_test_command_is_what_ci_runs():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_example_of_an_own_method_runs():
+    """The snippet registers a method that nbx.attribute and nbx.methods() then know; it is removed after."""
+    import re
+    import torch
+    import nbexplain as nbx
+    from nbexplain.methods import REGISTRY
+    code = re.search(r"<!-- own-method -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    model = nbx.load_model("synthetic-cnn")
+    image = torch.randn(3, 64, 64)
+    ns = {"nbx": nbx, "model": model, "image": image}
+    try:
+        exec(code, ns)
+        assert "gradient_power" in [m["name"] for m in nbx.methods()]
+        plain = nbx.attribute(model, image, "saliency", target=ns["maps"].target)
+        torch.testing.assert_close(ns["maps"].raw, plain.raw.abs() ** 2)
+    finally:
+        REGISTRY.pop("gradient_power", None)
