@@ -24,7 +24,7 @@ from .calls import eager, inputs_for, logits_of
 from .hygiene import borrowed, model_device
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
-from .trust.shortcuts import OUTSIDE_FLAG, fixed_hotspots, outside_share
+from .trust.shortcuts import GROW, OUTSIDE_FLAG, fixed_hotspots, outside_share
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FLAG_RULES = ("auto", "outside", "hotspot", "any", "all")
@@ -248,7 +248,7 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
                   faithfulness: bool = False, faithfulness_steps: int = 20, fill: str = "blur",
                   flag_rule: str = "auto", outside_threshold: float = OUTSIDE_FLAG,
                   names: Sequence[str] | None = None, true_labels: Sequence[int] | None = None,
-                  **params: Any) -> BatchResult:
+                  max_side: int | None = 1024, **params: Any) -> BatchResult:
     """Explain every image of ``images`` with ``method`` and score each map.
 
     ``images``: a list (paths, PIL images, HWC arrays, (C,H,W) tensors), an (N,H,W,3) uint8 array, an
@@ -264,12 +264,16 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     'hotspot'), 'outside', 'hotspot', 'any' or 'all'. The fixed-hotspot signal (the map's peak sits
     where many images of the batch peak) needs no masks, but only means something when the objects
     move between images: on centred photos every peak is in the middle.
+    ``max_side``: each item keeps its image and map with the longer side at most this many pixels
+    (masks may still be given on the full-size grid); None keeps full size (84 MB per 12 MP photo).
     Other keywords go to ``nbx.attribute`` (``steps=16``, ``layer=``, ``preprocess=``, ``labels=``…).
     """
     if flag_rule not in FLAG_RULES:
         raise ValueError(f"flag_rule: use one of {', '.join(FLAG_RULES)}")
     if batch_size < 1:
         raise ValueError("batch_size: must be at least 1")
+    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16):
+        raise ValueError(f"max_side={max_side!r}: expected an integer of at least 16, or None for full size")
     model = eager(model)            # its own passes (probabilities, curves) too, not only attribute()'s
     source = _Source(images, batch_size)
     total = source.total
@@ -291,7 +295,8 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
                 bar.update(_done + fraction * _n)
 
             out = attribute(model, chunk.images, method, target=chunk_target, progress=report, **params)
-            exps.extend(out if isinstance(out, list) else [out])
+            out = out if isinstance(out, list) else [out]
+            exps.extend(out if max_side is None else [e.downsized(max_side) for e in out])
             item_names.extend(chunk.names)
             truths.extend(chunk.labels)
             loader_masks.extend(chunk.masks)
@@ -343,8 +348,10 @@ def _score(exps: list[Attribution], names: list[str], truths: list, probs: list[
         reasons: list[str] = []
         mask = None
         if mask_list is not None:
-            mask = _check_mask(mask_list[i], exp.map.shape, i)
-            share = outside_share(exp.map, mask)
+            mask = _check_mask(mask_list[i], exp, i)
+            # the mask grows by GROW pixels of the image as given, fewer on a map kept smaller
+            full = max(exp.meta.get("original_size") or exp.map.shape)
+            share = outside_share(exp.map, mask, grow=max(1, round(GROW * max(exp.map.shape) / full)))
             metrics["outside_share"] = share
             flags["outside"] = bool(share > outside_threshold)
             if flags["outside"]:
@@ -517,11 +524,16 @@ def _mask_list(masks: Any, total: int | None) -> list[np.ndarray] | None:
     return out
 
 
-def _check_mask(mask: np.ndarray, shape: tuple, i: int) -> np.ndarray:
-    mask = np.asarray(mask).astype(bool)
-    if mask.shape != tuple(shape):
-        raise ValueError(f"masks[{i}]: shape {mask.shape} differs from the image's {tuple(shape)}; "
-                         "masks lie on the image's own pixel grid")
+def _check_mask(mask: np.ndarray, exp: Attribution, i: int) -> np.ndarray:
+    """The mask on the map's grid: as given, or shrunk (area > ½) from the full-size image's grid."""
+    mask, shape = np.asarray(mask).astype(bool), tuple(exp.map.shape)
+    if mask.shape == tuple(exp.meta.get("original_size") or ()) and mask.shape != shape:
+        t = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return (F.interpolate(t, size=shape, mode="area")[0, 0] > 0.5).numpy()
+    if mask.shape != shape:
+        full = exp.meta.get("original_size")
+        raise ValueError(f"masks[{i}]: shape {mask.shape} differs from the image's "
+                         f"{tuple(full) if full else shape}; masks lie on the image's own pixel grid")
     return mask
 
 

@@ -246,3 +246,23 @@ def test_clever_hans_notebook_runs(monkeypatch):
     widgets = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(widgets) >= 4                         # progress bars, the gallery, the panel, the export bar
+
+
+def test_large_photos_are_kept_at_display_size_with_masks_on_their_own_grid(cnn, small):
+    """A batch over big photos keeps each image and map at most ``max_side`` wide (a 12 MP photo's
+    image and map are 84 MB); masks given on the full-size grid are shrunk with them, and the scores
+    stay those of the full-size map."""
+    big = [np.asarray(Image.fromarray(im).resize((1200, 900), Image.NEAREST)) for im in small["images"][:3]]
+    masks = [np.asarray(Image.fromarray(m).resize((1200, 900), Image.NEAREST)) for m in small["object_mask"][:3]]
+    kept = explain_batch(cnn, big, "saliency", masks=masks, progress=False, max_side=None)
+    shrunk = explain_batch(cnn, big, "saliency", masks=masks, progress=False, max_side=300)
+    for full, it in zip(kept, shrunk):
+        assert full.map.shape == (900, 1200) and it.map.shape == (225, 300) == it.image.shape[:2]
+        assert it.mask.shape == (225, 300)
+        assert it.attribution.meta["original_size"] == [900, 1200]
+        assert it.metrics["outside_share"] == pytest.approx(full.metrics["outside_share"], abs=0.015)
+        assert np.isfinite(it.attribution.shown()).any()
+    with pytest.raises(ValueError, match=r"\(900, 1200\)"):
+        explain_batch(cnn, big, "saliency", masks=[m[:, :50] for m in masks], progress=False, max_side=300)
+    with pytest.raises(ValueError, match="max_side"):
+        explain_batch(cnn, big, "saliency", progress=False, max_side=0)
