@@ -70,8 +70,9 @@ class Context:
         pairs = list(self.plan.pairs) if len(xs) >= 2 else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
+        fmt = self.plan.memory_format if len(xs) >= 2 else self.plan.single
         with folded(pairs, self._folded or []):
-            return logits_of(self.model(xs.contiguous(memory_format=self.plan.memory_format)))
+            return logits_of(self.model(xs.contiguous(memory_format=fmt)))
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""

@@ -16,8 +16,9 @@ _MAX_SHAPES = 8          # per model: the choice is per input shape, and shapes 
 
 
 class Plan(NamedTuple):
-    memory_format: torch.memory_format
-    pairs: tuple[Pair, ...]          # (conv, BN) pairs whose folding was checked to keep the logits
+    memory_format: torch.memory_format    # for passes of two or more samples
+    pairs: tuple[Pair, ...]               # (conv, BN) pairs whose folding was checked to keep the logits
+    single: torch.memory_format = torch.contiguous_format   # for one-sample passes
 
 
 NCHW = Plan(torch.contiguous_format, ())
@@ -29,9 +30,11 @@ def plan(model: nn.Module, x: torch.Tensor) -> Plan:
     - **BatchNorm folding** (any device): an eval-mode BN after a conv is an affine map, so the conv
       can apply it. That removes a memory pass per BN in the forward and one in the backward: 8% of a
       resnet50 forward + input backward on the CPU, 17% of EfficientNet-Lite0's (batch 16, measured).
-    - **Channels-last** (CPU CNNs): oneDNN's NHWC kernels run a forward + input backward 1.1-1.3x
-      faster than NCHW. Only the *input* is converted; PyTorch carries the format through the network.
-      CUDA keeps NCHW until the gain is measured there.
+    - **Channels-last** (CPU CNNs): oneDNN's NHWC kernels run a batched forward + input backward
+      1.1-1.3x faster than NCHW. Only the *input* is converted; PyTorch carries the format through the
+      network. At batch 1 it gains only where there are grouped (depthwise) convs: 5-10% on
+      EfficientNet, MobileNetV3, RegNetY, ResNeXt, while plain ResNets lose 0-11% (resnet18/34/50),
+      so one-sample passes of a net without grouped convs stay NCHW. CUDA keeps NCHW until measured.
 
     A model whose code assumes NCHW strides, or whose conv output feeds more than its BN, would give
     other logits: each path is kept only if the logits match the plain model's.
@@ -69,7 +72,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
         fast = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         for fmt, folds in dict.fromkeys([(fast, pairs), (torch.contiguous_format, pairs), (fast, ())]):
             if (fmt, folds) != NCHW and _same(run(fmt, folds), ref):
-                return Plan(fmt, folds)
+                grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
+                return Plan(fmt, folds, fmt if grouped else torch.contiguous_format)
     return NCHW
 
 
