@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import to_original_grid
+from .images import area_resize, shrunk_size, to_original_grid
 
 
 @dataclass
@@ -54,14 +54,11 @@ class Attribution:
         (area-averaged); itself when already that small. A 12-megapixel photo's image and map take
         84 MB, so a batch over a folder of photos keeps them at display size instead."""
         h, w = self.map.shape
-        if max(h, w) <= max_side:
+        size = shrunk_size(h, w, max_side)
+        if size == (h, w):
             return self
-        f = max_side / max(h, w)
-        size = (max(1, round(h * f)), max(1, round(w * f)))
-        shrink = lambda a: F.interpolate(torch.from_numpy(np.ascontiguousarray(a, np.float32)).permute(2, 0, 1)[None],  # noqa: E731
-                                         size=size, mode="area")[0].permute(1, 2, 0).numpy()
-        m = shrink(self.map[..., None])[..., 0]
-        image = None if self.image is None else (shrink(self.image) + 0.5).astype(np.uint8)
+        m = area_resize(self.map, size)
+        image = None if self.image is None else (area_resize(self.image, size) + 0.5).astype(np.uint8)
         meta = dict(self.meta, original_size=[h, w])
         if meta.get("crop_box"):
             meta["crop_box"] = [v * size[1] / w if i % 2 == 0 else v * size[0] / h

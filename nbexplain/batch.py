@@ -22,6 +22,7 @@ from .api import attribute
 from .attribution import Attribution
 from .calls import eager, inputs_for, logits_of
 from .hygiene import borrowed, model_device
+from .images import area_resize
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
 from .trust.shortcuts import GROW, OUTSIDE_FLAG, fixed_hotspots, outside_share
@@ -528,8 +529,7 @@ def _check_mask(mask: np.ndarray, exp: Attribution, i: int) -> np.ndarray:
     """The mask on the map's grid: as given, or shrunk (area > ½) from the full-size image's grid."""
     mask, shape = np.asarray(mask).astype(bool), tuple(exp.map.shape)
     if mask.shape == tuple(exp.meta.get("original_size") or ()) and mask.shape != shape:
-        t = torch.from_numpy(mask.astype(np.float32))[None, None]
-        return (F.interpolate(t, size=shape, mode="area")[0, 0] > 0.5).numpy()
+        return area_resize(mask, shape) > 0.5
     if mask.shape != shape:
         full = exp.meta.get("original_size")
         raise ValueError(f"masks[{i}]: shape {mask.shape} differs from the image's "

@@ -221,6 +221,20 @@ def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | Non
     return out
 
 
+def shrunk_size(h: int, w: int, max_side: int) -> tuple[int, int]:
+    """(h, w) scaled down so the longer side is at most ``max_side``; unchanged when it already is."""
+    f = min(1.0, max_side / max(h, w))
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def area_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) or (h, w, c) array -> float32 at ``size``, each output pixel the mean of those it covers."""
+    t = torch.from_numpy(np.ascontiguousarray(a, np.float32))
+    t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
+    out = F.interpolate(t, size=tuple(size), mode="area")[0]
+    return out[0].numpy() if a.ndim == 2 else out.permute(1, 2, 0).numpy()
+
+
 def crop_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, int]) -> np.ndarray:
     """True where the original image was inside the model's crop (where a map has values)."""
     h, w = shape

@@ -7,7 +7,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .methods import get as get_method
@@ -15,8 +14,8 @@ from .api import Run, compute, package
 from .attribution import Attribution
 from .calls import inputs_for, logits_of
 from .context import Context
-from .hygiene import borrowed, model_device
-from .images import Prepared, prepare
+from .hygiene import borrowed
+from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
 from .models import ModelInfo, tensor_versions
 from .pipeline import ByteLRU, Graph, Record, Stage, digest
@@ -144,15 +143,11 @@ class Session:
         run, prepared = up["attribution"], up["preprocess"]
         (result,) = package(run, prepared, self.info, self.model)
         shown = result.shown()                           # NaN outside the model's crop: drawn uncoloured
-        h, w = shown.shape
-        scale = min(1.0, DISPLAY_MAX_SIDE / max(h, w))
-        if scale == 1:                                   # already at display resolution: no resampling
+        size = shrunk_size(*shown.shape, DISPLAY_MAX_SIDE)
+        if size == shown.shape:                          # already at display resolution: no resampling
             return Shown(shown.astype(np.float32, copy=False), result)
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        m = torch.from_numpy(np.nan_to_num(shown).astype(np.float32))[None, None]
-        inside = torch.from_numpy(np.isfinite(shown).astype(np.float32))[None, None]
-        m = F.interpolate(m, size=size, mode="area")[0, 0].numpy()
-        inside = F.interpolate(inside, size=size, mode="area")[0, 0].numpy()
+        m = area_resize(np.nan_to_num(shown), size)
+        inside = area_resize(np.isfinite(shown), size)
         return Shown(np.where(inside > 0.5, m, np.nan).astype(np.float32), result)
 
     def pixels(self, shown: Shown) -> np.ndarray:
