@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from .calls import logits_of
-from .hygiene import forward_hooks, unfused_attention
+from .hygiene import forward_hooks, hooked, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
 from .folding import folded, folded_weights
 from .speed import NCHW, Plan, plan
+from .stem import input_gradient_sum, input_stem, summed_at_stem
 
 
 @dataclass
@@ -106,6 +107,30 @@ class Context:
             scores.append(score.detach())
             self.report(min(1.0, (i + len(xi)) / len(xs)))
         return torch.cat(grads), torch.cat(scores)
+
+    def input_grad_sum(self, xs: torch.Tensor, targets: torch.Tensor, weights: list[float]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σₖ wₖ·∂f/∂x over the k copies of each image in ``xs`` ((k·N, C, H, W), copy-major, one weight
+        per copy), and the target scores: all that IG's path and SmoothGrad's mean need.
+
+        Through the model's linear input conv (``stem.input_stem``) the sum is formed before that conv's
+        backward, which then runs once per chunk instead of once per sample."""
+        n = len(self.x)
+        stem = input_stem(self.model, self.x, self.logits)
+        if stem is None or len(xs) <= n or hooked(stem):
+            g, s = self.input_grads(xs, targets)
+            return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
+        total, scores = torch.zeros_like(self.x), []
+        per_chunk = max(1, self.batch_size // n)
+        for j in range(0, len(weights), per_chunk):
+            rows = slice(j * n, (j + per_chunk) * n)
+            with torch.enable_grad(), summed_at_stem(stem, n, weights[j:j + per_chunk]) as state:
+                logits = self.forward(xs[rows].detach())
+                score = logits.gather(1, targets[rows, None])[:, 0]
+                total += input_gradient_sum(state, score.sum())
+            scores.append(score.detach())
+            self.report(min(1.0, (j + per_chunk) / len(weights)))
+        return total, torch.cat(scores)
 
     def report(self, fraction: float) -> None:
         if self.progress is not None and not self._quiet:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .hygiene import hooked
+
 Pair = tuple[nn.Conv2d, nn.BatchNorm2d]
 
 
@@ -98,7 +100,7 @@ def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor] | 
     saved = []
     try:
         for (conv, bn), wb in zip(pairs, weights):
-            if wb is None or _hooked(conv) or _hooked(bn):
+            if wb is None or hooked(conv) or hooked(bn):
                 continue
             saved.append((conv, bn, conv._parameters["weight"], conv._parameters["bias"]))
             conv._parameters["weight"], conv._parameters["bias"] = wb
@@ -108,7 +110,3 @@ def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor] | 
         for conv, bn, w, b in saved:
             conv._parameters["weight"], conv._parameters["bias"] = w, b
             bn.__dict__.pop("forward", None)
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)

@@ -62,6 +62,12 @@ def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
             m.fused_attn = flag
 
 
+def hooked(m: nn.Module) -> bool:
+    """Whether a module has hooks of its own: a fast path that changes what runs inside it must not
+    change what they see."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 @contextmanager
 def full_precision() -> Iterator[None]:
     """FP32 convolutions and matmuls on CUDA (TF32 off) for the call, so GPU maps match the CPU's;

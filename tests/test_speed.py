@@ -280,3 +280,92 @@ def test_one_sample_passes_use_channels_last_only_on_nets_with_grouped_convs(zoo
         finally:
             handle.remove()
         assert (1, single == torch.channels_last) in seen and (4, True) in seen, (arch, seen)
+
+
+# --- the input stem: a sum of input gradients crosses the first (linear) conv once ------------------
+class ReadsItsInputTwice(nn.Module):
+    """The logits see the input through the first conv and through a side path: summing gradients at
+    the conv's output would miss the side path's share."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean((2, 3))) + (x * x).mean((1, 2, 3))[:, None]
+
+
+class ConvTwice(nn.Module):
+    """The first conv also runs on its own output: not a function of the input alone at one place."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+class SquashedConv(nn.Conv2d):
+    """A Conv2d subclass that is not affine."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+class SquashedStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = SquashedConv(3, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_the_input_stem_is_the_first_conv_only_when_the_logits_see_the_input_through_it_alone(zoo):
+    from nbexplain.stem import input_stem
+    x = make_input()
+    for arch, name in (("resnet", "conv1.0"), ("efficientnet", "conv_stem"), ("vit", "patch_embed.proj")):
+        model = zoo(arch)
+        with borrowed(model):
+            assert input_stem(model, x) is dict(model.named_modules())[name], arch
+    for model in (ReadsItsInputTwice(), ConvTwice(), SquashedStem()):
+        with borrowed(model):
+            assert input_stem(model.eval(), x) is None, type(model).__name__
+        assert not any("forward" in m.__dict__ for m in model.modules()) and hook_count(model) == 0
+
+
+def test_ig_and_smoothgrad_sum_gradients_before_the_stem_with_the_same_maps(zoo, monkeypatch):
+    """IG's weighted path sum and SmoothGrad's mean cross the stem's backward once per chunk, and give the
+    maps of one backward per sample (captum's IG; our own per-sample SmoothGrad²'s sibling path)."""
+    import nbexplain.stem as stem
+    used, real = [], stem.input_gradient_sum
+    monkeypatch.setattr(stem, "input_gradient_sum", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setattr("nbexplain.context.input_gradient_sum", stem.input_gradient_sum)
+    for arch in ("resnet", "vit"):
+        model, x = zoo(arch), make_input(2)
+        used.clear()
+        ours = nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=8, baseline="zeros",
+                             batch_size=8)
+        assert used, f"{arch}: IG did not sum its gradients at the stem"
+        ref = IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=8)
+        assert_close(torch.cat([a.raw for a in ours]), ref)
+
+        used.clear()
+        kw = dict(target=TARGET, samples=6, noise=0.1, seed=5, batch_size=6)
+        summed = torch.cat([a.raw for a in nbx.attribute(model, x, "smoothgrad", **kw)])
+        assert used, f"{arch}: SmoothGrad did not sum its gradients at the stem"
+        monkeypatch.setattr("nbexplain.context.input_stem", lambda *a: None)
+        each = torch.cat([a.raw for a in nbx.attribute(model, x, "smoothgrad", **kw)])
+        monkeypatch.setattr("nbexplain.context.input_stem", stem.input_stem)
+        assert_close(summed, each)
+
+
+def test_a_model_that_reads_its_input_twice_gets_every_path_of_its_gradient():
+    model, x = ReadsItsInputTwice().eval(), make_input(2)
+    ours = nbx.attribute(model, x, "integrated_gradients", target=3, steps=8, baseline="zeros")
+    ref = IntegratedGradients(model).attribute(x.clone(), target=3, n_steps=8)
+    assert_close(torch.cat([a.raw for a in ours]), ref)

@@ -56,31 +56,35 @@ def refinements(rule: str, start: int = 4):
 def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: int, store: dict | None):
     """Σ w·∂f/∂x along the straight path, and the target scores seen at each point.
 
-    Gradients at points already in ``store`` are reused (nested grids, widget refinement).
+    Gradients at points already in ``store`` are reused (nested grids, widget refinement); without a
+    store only the weighted sum is formed (``Context.input_grad_sum``: cheaper than each point's).
     """
     alphas, weights = quadrature(rule, steps)
     n = len(ctx.x)
     tkey = tuple(ctx.targets.tolist())
     key = lambda a: ("ig_point", bkey, tkey, a)  # noqa: E731
     todo = [a for a in alphas if store is None or key(a) not in store]
+    total = torch.zeros_like(ctx.x)
     fresh: dict[float, tuple] = {}
     per_chunk = max(1, ctx.batch_size // n)
     for i in range(0, len(todo), per_chunk):
         chunk = todo[i:i + per_chunk]
         xs = torch.cat([b + a * (ctx.x - b) for a in chunk])
         with ctx.quietly():
-            g, s = ctx.input_grads(xs, ctx.targets.repeat(len(chunk)))
+            if store is None:
+                g, s = ctx.input_grad_sum(xs, ctx.targets.repeat(len(chunk)), weights[i:i + len(chunk)])
+                total += g
+            else:
+                g, s = ctx.input_grads(xs, ctx.targets.repeat(len(chunk)))
         for j, a in enumerate(chunk):
-            fresh[a] = (g[j * n:(j + 1) * n], s[j * n:(j + 1) * n])
+            fresh[a] = (g[j * n:(j + 1) * n] if store is not None else None, s[j * n:(j + 1) * n])
         ctx.report((i + len(chunk)) / len(todo))
-    if store is not None:
-        store.update({key(a): v for a, v in fresh.items()})
-    total = torch.zeros_like(ctx.x)
-    seen = {}
+    seen = {a: fresh[a][1] if a in fresh else store[key(a)][1] for a in alphas}
+    if store is None:
+        return total, seen
+    store.update({key(a): v for a, v in fresh.items()})
     for a, w in zip(alphas, weights):
-        g, s = fresh[a] if a in fresh else store[key(a)]
-        total += w * g
-        seen[a] = s
+        total += w * store[key(a)][0]
     return total, seen
 
 

@@ -43,11 +43,17 @@ def sample_noise(x: torch.Tensor, sigma: torch.Tensor, seed: int, index: int) ->
     return unit * sigma
 
 
-def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σa, Σa²) over ``samples`` noisy attributions, continuing from the largest cached count."""
-    key = ("noise_tunnel", base, noise, seed, tuple(ctx.targets.tolist()))
+def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int, squares: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Σa, Σa²) over ``samples`` noisy attributions, continuing from the largest cached count.
+
+    Without ``squares`` (SmoothGrad outside the widget) a saliency base needs only the gradients' sum,
+    which ``Context.input_grad_sum`` forms more cheaply than each sample's gradient; Σa² is then None.
+    """
+    squares = squares or ctx.keep_intermediates or base != "saliency"   # the widget may switch variant later
+    key = ("noise_tunnel", base, noise, seed, tuple(ctx.targets.tolist()), squares)
     done = max((k[-1] for k in ctx.memo if k[:-1] == key and k[-1] <= samples), default=0)
-    total, squares = ctx.memo[key + (done,)] if done else (torch.zeros_like(ctx.x), torch.zeros_like(ctx.x))
+    total, sq = ctx.memo[key + (done,)] if done else (torch.zeros_like(ctx.x), torch.zeros_like(ctx.x))
     n = len(ctx.x)
     span = ctx.x.flatten(1).amax(1) - ctx.x.flatten(1).amin(1)
     sigma = (noise * span).view(-1, *[1] * (ctx.x.ndim - 1))
@@ -55,19 +61,24 @@ def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int) -
     for start in range(done, samples, per_chunk):
         idx = range(start, min(samples, start + per_chunk))
         xs = torch.cat([ctx.x + sample_noise(ctx.x, sigma, seed, i) for i in idx])
+        targets = ctx.targets.repeat(len(idx))
         with ctx.quietly():
-            a = BASES[base](ctx, xs, ctx.targets.repeat(len(idx))).view(len(idx), *ctx.x.shape)
-        total, squares = total + a.sum(0), squares + (a * a).sum(0)
+            if squares:
+                a = BASES[base](ctx, xs, targets).view(len(idx), *ctx.x.shape)
+                total, sq = total + a.sum(0), sq + (a * a).sum(0)
+            else:
+                total = total + ctx.input_grad_sum(xs, targets, [1.0] * len(idx))[0]
         if ctx.keep_intermediates:   # the widget: a smaller count later resumes from the nearest chunk end
-            ctx.memo[key + (idx[-1] + 1,)] = (total, squares)
+            ctx.memo[key + (idx[-1] + 1,)] = (total, sq)
         ctx.report((start + len(idx) - done) / max(1, samples - done))
-    ctx.memo[key + (samples,)] = (total, squares)
-    return total, squares
+    sq = sq if squares else None
+    ctx.memo[key + (samples,)] = (total, sq)
+    return total, sq
 
 
 def _tunnel(variant: str):
     def run(ctx: Context, base: str, samples: int, noise: float, seed: int) -> torch.Tensor:
-        total, squares = noise_sums(ctx, base, samples, noise, seed)
+        total, squares = noise_sums(ctx, base, samples, noise, seed, squares=variant != "smoothgrad")
         mean = total / samples
         if variant == "smoothgrad":
             ctx.meta["display"] = _DISPLAY[base]
