@@ -117,7 +117,7 @@ class Context:
         backward, which then runs once per chunk instead of once per sample."""
         n = len(self.x)
         stem = input_stem(self.model, self.x, self.logits)
-        if stem is None or len(xs) <= n or hooked(stem):
+        if stem is None or len(xs) <= n or self.batch_size < 2 * n or hooked(stem):   # nothing to share
             g, s = self.input_grads(xs, targets)
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
         total, scores = torch.zeros_like(self.x), []
