@@ -176,9 +176,9 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> 
 
 
 def _pixels(x: torch.Tensor, preprocess: Preprocess | None) -> np.ndarray | None:
-    if preprocess is None or x.shape[0] != 3:
+    if preprocess is None or x.shape[0] not in (1, 3) or x.shape[0] != preprocess.channels:
         return None
-    px = preprocess.denormalize(x[None].cpu())[0].clamp(0, 1)
+    px = preprocess.denormalize(x[None].cpu())[0].clamp(0, 1).expand(3, -1, -1)    # gray shown as gray
     return (px.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 

@@ -79,14 +79,20 @@ class Preprocess:
         return (rw, rh), (int(round((rw - tw) / 2.0)), int(round((rh - th) / 2.0)))
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
-        """PIL RGB -> ((C,H,W) normalised tensor, crop box in original-image pixels)."""
+        """PIL RGB -> ((C,H,W) normalised tensor, crop box in original-image pixels); a one-channel
+        model gets the image's luminance (PIL's "L")."""
+        if self.channels not in (1, 3):
+            raise ValueError(f"images: the model takes {self.channels}-channel input, which a picture does not "
+                             f"have; pass an already preprocessed (N,{self.channels},H,W) tensor")
         (rw, rh), (left, top) = self.geometry(*img.size)
         th, tw = self.size
         resized = img.resize((rw, rh), _INTERP[self.interpolation])
-        fill = tuple(round(255 * m) for m in self.mean[:3]) if self.crop_mode == "border" else 0
+        fill = tuple(round(255 * self.mean[i % self.channels]) for i in range(3)) if self.crop_mode == "border" else 0
         canvas = Image.new("RGB", (tw, th), fill)
         canvas.paste(resized, (-left, -top))
-        x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if self.channels == 1:
+            canvas = canvas.convert("L")
+        x = torch.from_numpy(np.asarray(canvas, dtype=np.float32).reshape(th, tw, -1) / 255.0).permute(2, 0, 1)
         sx, sy = rw / img.size[0], rh / img.size[1]
         box = (left / sx, top / sy, (left + tw) / sx, (top + th) / sy)
         return self.normalize(x[None])[0], box

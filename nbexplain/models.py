@@ -57,10 +57,10 @@ def _infer(model: nn.Module) -> ModelInfo:
         pe = getattr(model, "patch_embed", None)
         if getattr(pe, "img_size", None) and not getattr(pe, "dynamic_img_size", False):
             size = tuple(pe.img_size)        # timm keeps the config's size when built with img_size=...
+        mean, std = _per_channel(model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
         pre = Preprocess(size=size, crop_pct=cfg.get("crop_pct") or 0.875,
                          crop_mode=cfg.get("crop_mode") or "center",
-                         interpolation=cfg.get("interpolation") or "bicubic",
-                         mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD))
+                         interpolation=cfg.get("interpolation") or "bicubic", mean=mean, std=std)
         name = cfg.get("architecture") or type(model).__name__
         return ModelInfo(name, pre, imagenet_labels(model), "timm")
     if type(model).__module__.startswith("torchvision.models"):
@@ -68,6 +68,19 @@ def _infer(model: nn.Module) -> ModelInfo:
         pre = Preprocess(size=224, crop_pct=224 / 256, interpolation="bilinear")
         return ModelInfo(type(model).__name__.lower(), pre, imagenet_labels(model), "torchvision")
     return ModelInfo(type(model).__name__, None, None)
+
+
+def _per_channel(model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    """The config's mean/std for the channels the model takes. timm keeps the RGB config of a model built
+    with ``in_chans=1`` (a grayscale X-ray model, say): its first conv says how many channels it reads.
+    One channel gets the RGB averages, n channels the RGB values in turn (as timm adapts RGB weights)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    n = first.in_channels if first is not None else len(mean)
+    if n == len(mean) or n > 4 or len(mean) != 3:      # a first conv reading more is not the input's
+        return tuple(mean), tuple(std)
+    if n == 1:
+        return (sum(mean) / 3,), (sum(std) / 3,)
+    return tuple(mean[i % 3] for i in range(n)), tuple(std[i % 3] for i in range(n))
 
 
 def imagenet_labels(model: nn.Module) -> tuple[str, ...] | None:

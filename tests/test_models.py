@@ -116,3 +116,33 @@ def test_plain_module_needs_explicit_preprocessing_for_images():
                         preprocess=nbx.Preprocess(size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
                         labels=["a", "b"], target="b")
     assert exp.target == 1 and exp.label == "b"
+
+
+def test_a_grayscale_timm_model_explains_pictures_by_their_luminance():
+    """timm keeps the RGB config of a model built with in_chans=1 (an X-ray classifier): pictures reach it
+    as one luminance channel normalised by the RGB averages, and its maps are the model's own."""
+    from captum.attr import IntegratedGradients
+    from PIL import Image
+    model = timm.create_model("resnet18", in_chans=1, num_classes=2).eval()
+    from nbexplain.models import describe
+    pre = describe(model).preprocess
+    assert pre.channels == 1 and pre.mean == pytest.approx((0.449,), abs=1e-3)
+    photo = nbx.sample_image("cat")
+    exp = nbx.attribute(model, photo, "integrated_gradients", steps=8, baseline="zeros", target=1)
+    assert exp.image.shape[2] == 3 and exp.map.shape == exp.image.shape[:2]
+    rgb, _ = nbx.Preprocess(size=pre.size, crop_pct=pre.crop_pct, interpolation=pre.interpolation,
+                            mean=(0, 0, 0), std=(1, 1, 1))(photo)           # the same crop, in [0, 1]
+    luma = (torch.tensor([0.299, 0.587, 0.114])[:, None, None] * rgb).sum(0)
+    torch.testing.assert_close(exp.input[0, 0], (luma - pre.mean[0]) / pre.std[0], rtol=0, atol=1.01 / 255 / pre.std[0])
+    ref = IntegratedGradients(model).attribute(exp.input.clone(), target=1, n_steps=8)
+    torch.testing.assert_close(exp.raw, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    for image in (photo.convert("L"), np.asarray(photo.convert("L")), torch.randn(2, 1, 64, 64)):
+        assert nbx.attribute(model, image, "gradcam", target=0)
+
+
+def test_a_model_with_four_input_channels_takes_tensors_and_says_why_not_pictures():
+    model = timm.create_model("resnet18", in_chans=4, num_classes=3).eval()
+    with pytest.raises(ValueError, match=r"4-channel input.*\(N,4,H,W\) tensor"):
+        nbx.attribute(model, nbx.sample_image("cat"), "gradcam")
+    (exp,) = nbx.attribute(model, torch.randn(1, 4, 64, 64), "saliency", target=2)
+    assert exp.raw.shape == (1, 4, 64, 64) and exp.image is None
