@@ -12,7 +12,7 @@ from .folding import Pair, find_pairs, folded, folded_weights
 from .hygiene import borrowed
 
 _CHOSEN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_MAX_SHAPES = 8          # per model: the choice is per input shape, and shapes seen are few
+_MAX_SHAPES = 8
 
 
 class Plan(NamedTuple):
@@ -41,16 +41,24 @@ def plan(model: nn.Module, x: torch.Tensor) -> Plan:
     """
     if x.ndim != 4 or not x.is_floating_point():
         return NCHW
-    shapes = _CHOSEN.setdefault(model, {})
-    # the module ids: a submodule replaced since the probe (a BN swapped for Identity) means new pairs
+    # ViTs have one patch-embedding conv: nothing to gain
+    return once_per_shape(_CHOSEN, model, x, lambda: _probe(model, x[:1]) if _convs(model) >= 2 else NCHW)
+
+
+def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.Tensor, probe):
+    """``probe()``, run once per model, input shape and set of submodules: a submodule replaced since
+    (a BN swapped for Identity) means a new probe. A model keeps at most 8 shapes (shapes seen are few)."""
+    shapes = cache.setdefault(model, {})
     key = (tuple(x.shape[1:]), x.dtype, x.device, hash(tuple(map(id, model.modules()))))
     if key not in shapes:
         if len(shapes) >= _MAX_SHAPES:
             shapes.clear()
-        convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
-        # ViTs have one patch-embedding conv: nothing to gain
-        shapes[key] = _probe(model, x[:1]) if convs >= 2 else NCHW
+        shapes[key] = probe()
     return shapes[key]
+
+
+def _convs(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def _probe(model: nn.Module, x: torch.Tensor) -> Plan:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .calls import logits_of
+from .speed import once_per_shape
 
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_MAX_SHAPES = 8
 
 
 def input_stem(model: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = None) -> nn.Conv2d | None:
@@ -30,13 +30,7 @@ def input_stem(model: nn.Module, x: torch.Tensor, logits: torch.Tensor | None = 
     """
     if x.ndim != 4 or not x.is_floating_point():
         return None
-    shapes = _FOUND.setdefault(model, {})
-    key = (tuple(x.shape[1:]), x.dtype, x.device, hash(tuple(map(id, model.modules()))))
-    if key not in shapes:
-        if len(shapes) >= _MAX_SHAPES:
-            shapes.clear()
-        shapes[key] = _probe(model, x[:1].detach(), None if logits is None else logits[:1])
-    return shapes[key]
+    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), None if logits is None else logits[:1]))
 
 
 def _probe(model: nn.Module, x: torch.Tensor, ref: torch.Tensor | None) -> nn.Conv2d | None:
