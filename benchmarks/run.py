@@ -600,7 +600,6 @@ def bench_model(b: Bench, name: str) -> None:
                                             f"{CHEAP} batch 1 only (use --no-restrict or CUDA)")
         else:
             sl = s.scorecam_layer.get(name) or layer
-            ch = dict(model.named_modules())[sl]
             peers = [Peer("grad-cam", gradcam_fn(model, x, "scorecam", targets, sl, reshape, 16),
                           compare=compare_cam_gradcam),
                      Peer("torchcam", torchcam_fn(model, x, "scorecam", targets, sl, reshape, 16),
@@ -609,7 +608,6 @@ def bench_model(b: Bench, name: str) -> None:
                                "grad-cam and nbexplain upsample first (align_corners=True)")]
             b.run_row(dict(base, method="scorecam", label=f"scorecam @{sl}", layer=sl, chunk=16),
                       ours(model, x, "scorecam", targets, 16, layer=sl), peers)
-            del ch
 
         # --- occlusion
         if restricted_batch:
@@ -646,7 +644,7 @@ def bench_model(b: Bench, name: str) -> None:
                 b.skip(name, batch, f"SmoothGrad {samples}", "CPU budget")
                 continue
             seeds = iter(range(1000))
-            our_sg = lambda: ours(model, x, "smoothgrad", targets, bs, samples=samples,  # noqa: E731
+            our_sg = lambda model=model: ours(model, x, "smoothgrad", targets, bs, samples=samples,  # noqa: E731
                                   noise=s.sg_noise, seed=next(seeds))()
             b.run_row(dict(base, method="smoothgrad", label=f"SmoothGrad {samples}", samples=samples,
                            noise=s.sg_noise, evaluations=samples * batch,
