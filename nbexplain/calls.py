@@ -1,7 +1,8 @@
 """Calling the user's model: the eager module behind a compiled one, inputs in its dtype, logits out."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +20,32 @@ def eager(model: nn.Module) -> nn.Module:
 
 def inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.to(model_device(model), model_dtype(model, x.dtype))
+
+
+_SHAPE_WORDS = ("size", "shape", "divisible", "dimension", "match")
+
+
+def call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``x``, with ``size_hint``."""
+    with size_hint(x):
+        out = model(x)
+    return logits_of(out)
+
+
+@contextmanager
+def size_hint(x: torch.Tensor) -> Iterator[None]:
+    """A model failure that reads like a size mismatch (a ViT given a side its patches do not divide,
+    say) keeps its type and message, plus a note with the fix: a tensor reaches the model as it is,
+    where pictures are resized to the model's input size."""
+    try:
+        yield
+    except (AssertionError, RuntimeError, ValueError) as e:
+        if (not isinstance(e, torch.OutOfMemoryError) and hasattr(e, "add_note")
+                and any(w in str(e).lower() for w in _SHAPE_WORDS)):
+            e.add_note(f"nbexplain: the model failed on a batch of shape {tuple(x.shape)}. A tensor input "
+                       "reaches the model as it is: pass the images themselves (paths, PIL images or arrays) "
+                       "to have them resized to the model's input size, or a tensor of a size it accepts.")
+        raise
 
 
 def logits_of(out) -> torch.Tensor:

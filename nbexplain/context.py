@@ -8,7 +8,7 @@ from typing import Callable, Iterator, MutableMapping, NamedTuple
 import torch
 from torch import nn
 
-from .calls import logits_of
+from .calls import call
 from .hygiene import forward_hooks, hooked, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
@@ -74,7 +74,7 @@ class Context:
             self._folded = folded_weights(pairs)
         fmt = self.plan.memory_format if batched else self.plan.single
         with folded(pairs, self._folded or []):
-            return logits_of(self.model(xs.contiguous(memory_format=fmt)))
+            return call(self.model, xs.contiguous(memory_format=fmt))
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._errors import unknown
+from .calls import size_hint
 from .hygiene import borrowed, forward_hooks, model_device, model_dtype
 
 _SKIP = (nn.Dropout, nn.Identity)
@@ -184,7 +185,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
             previous[:] = [t]
 
     x = torch.zeros((1, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
-    with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names):
+    with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names), size_hint(x):
         model(x)
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}

@@ -12,7 +12,7 @@ from PIL import Image
 from .methods import get as get_method
 from .api import Run, compute, package
 from .attribution import Attribution
-from .calls import inputs_for, logits_of
+from .calls import call, inputs_for
 from .context import Context
 from .hygiene import borrowed
 from .images import Prepared, area_resize, prepare, shrunk_size
@@ -107,7 +107,7 @@ class Session:
     def _forward(self, state: dict, up: dict) -> torch.Tensor:
         x = up["preprocess"].x
         with self.lock, borrowed(self.model), torch.no_grad():
-            return logits_of(self.model(inputs_for(self.model, x))).detach().float().cpu()
+            return call(self.model, inputs_for(self.model, x)).detach().float().cpu()
 
     def _target(self, state: dict, logits: torch.Tensor) -> int:
         t = state.get("target", -1)

@@ -388,3 +388,17 @@ def test_array_layout_and_dtype_errors(cnn):
 def test_model_without_preprocessing_needs_one_for_pil_input():
     with pytest.raises(ValueError, match="preprocess"):
         nbx.attribute(TopLeft(), Image.fromarray(_gradient_rgb()), "saliency", target=0)
+
+
+def test_a_tensor_the_model_cannot_take_keeps_the_models_error_with_the_fix_added():
+    """A ViT's patches must divide the input: a tensor reaches the model as it is, so its own assertion
+    stays (type and message), with a note saying how to have the input resized; the model is unchanged."""
+    from nbexplain.hygiene import hook_count
+    vit = make_model("vit")
+    side = vit.patch_embed.patch_size[0]
+    for method in ("gradcam", "saliency"):
+        with pytest.raises(AssertionError, match="divisible") as caught:
+            nbx.attribute(vit, torch.randn(1, 3, side * 4 + 3, side * 4), method)
+        notes = " ".join(getattr(caught.value, "__notes__", []))
+        assert "(1, 3, " in notes and "resized to the model's input size" in notes, method
+    assert hook_count(vit) == 0 and not vit.training
