@@ -92,6 +92,7 @@ def summed_at_stem(stem: nn.Conv2d, images: int, weights: list[float]) -> Iterat
         yield state
     finally:
         stem.__dict__.pop("forward", None)
+        state.clear()          # the chunk's stem output is not held through the next chunk's pass
 
 
 def input_gradient_sum(state: list, score: torch.Tensor) -> torch.Tensor:
