@@ -57,7 +57,7 @@ def _infer(model: nn.Module) -> ModelInfo:
         pe = getattr(model, "patch_embed", None)
         if getattr(pe, "img_size", None) and not getattr(pe, "dynamic_img_size", False):
             size = tuple(pe.img_size)        # timm keeps the config's size when built with img_size=...
-        mean, std = _per_channel(model, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        mean, std = _per_channel(model, cfg)
         pre = Preprocess(size=size, crop_pct=cfg.get("crop_pct") or 0.875,
                          crop_mode=cfg.get("crop_mode") or "center",
                          interpolation=cfg.get("interpolation") or "bicubic", mean=mean, std=std)
@@ -70,14 +70,21 @@ def _infer(model: nn.Module) -> ModelInfo:
     return ModelInfo(type(model).__name__, None, None)
 
 
-def _per_channel(model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+def _per_channel(model: nn.Module, cfg: dict):
     """The config's mean/std for the channels the model takes. timm keeps the RGB config of a model built
-    with ``in_chans=1`` (a grayscale X-ray model, say): its first conv says how many channels it reads.
-    One channel gets the RGB averages, n channels the RGB values in turn (as timm adapts RGB weights)."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    n = first.in_channels if first is not None else len(mean)
-    if n == len(mean) or n > 4 or len(mean) != 3:      # a first conv reading more is not the input's
-        return tuple(mean), tuple(std)
+    with ``in_chans=1`` (a grayscale X-ray model, say); the config's ``first_conv`` names the conv that
+    says how many channels it reads. One channel gets the RGB averages, n channels the RGB values in
+    turn (as timm adapts RGB weights)."""
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    names = cfg.get("first_conv")
+    names = [names] if isinstance(names, str) else list(names or [])
+    try:
+        n = {model.get_submodule(name).in_channels for name in names}
+    except (AttributeError, TypeError):
+        return mean, std
+    if len(n) != 1 or len(mean) != 3 or n == {3}:
+        return mean, std
+    n = n.pop()
     if n == 1:
         return (sum(mean) / 3,), (sum(std) / 3,)
     return tuple(mean[i % 3] for i in range(n)), tuple(std[i % 3] for i in range(n))
