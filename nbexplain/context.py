@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable, Iterator, MutableMapping, NamedTuple
 
 import torch
@@ -116,8 +117,9 @@ class Context:
         Through the model's linear input conv (``stem.input_stem``) the sum is formed before that conv's
         backward, which then runs once per chunk instead of once per sample."""
         n = len(self.x)
-        stem = input_stem(self.model, self.x, self.logits)
-        if stem is None or len(xs) <= n or self.batch_size < 2 * n or hooked(stem):   # nothing to share
+        # nothing to share when a chunk holds one copy of the batch: no probe then either
+        stem = self.stem if len(xs) > n and self.batch_size >= 2 * n else None
+        if stem is None or hooked(stem):
             g, s = self.input_grads(xs, targets)
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
         total, scores = torch.zeros_like(self.x), []
@@ -131,6 +133,11 @@ class Context:
             scores.append(score.detach())
             self.report(min(1.0, (j + per_chunk) / len(weights)))
         return total, torch.cat(scores)
+
+    @cached_property
+    def stem(self) -> nn.Conv2d | None:
+        """The model's linear input conv (``stem.input_stem``), looked up once per call."""
+        return input_stem(self.model, self.x, self.logits)
 
     def report(self, fraction: float) -> None:
         if self.progress is not None and not self._quiet:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .calls import logits_of
+from .calls import call
 from .folding import Pair, find_pairs, folded, folded_weights
 from .hygiene import borrowed
 
@@ -65,7 +65,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
     def run(fmt: torch.memory_format, pairs=()) -> torch.Tensor | None:
         try:
             with folded(list(pairs), folded_weights(list(pairs))):
-                out = logits_of(model(x.contiguous(memory_format=fmt)))
+                out = call(model, x.contiguous(memory_format=fmt))
         except Exception:   # noqa: BLE001 - any failure means "not safe"; the real pass reports its own errors
             return None
         return out if isinstance(out, torch.Tensor) else None

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .calls import logits_of
+from .calls import call
 from .speed import once_per_shape
 
 _FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -49,8 +49,8 @@ def _probe(model: nn.Module, x: torch.Tensor, ref: torch.Tensor | None) -> nn.Co
     handles = [m.register_forward_pre_hook(swap) for m in convs]
     try:
         with torch.no_grad():
-            ref = logits_of(model(x)) if ref is None else ref
-            got = logits_of(model(poisoned))
+            ref = call(model, x) if ref is None else ref
+            got = call(model, poisoned)
     except Exception:   # noqa: BLE001 - any failure means "no stem"; the real pass reports its own errors
         return None
     finally:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..attribution import Attribution, display_map
-from ..calls import eager, inputs_for, logits_of
+from ..calls import call, eager, inputs_for
 from ..hygiene import borrowed
 from ..methods.baselines import gaussian_blur
 
@@ -80,7 +80,7 @@ def _probabilities(model, xs: torch.Tensor, target: int, batch_size: int) -> np.
     model, out = eager(model), []
     with borrowed(model), torch.no_grad():
         for i in range(0, len(xs), batch_size):
-            out.append(logits_of(model(inputs_for(model, xs[i:i + batch_size]))).float().softmax(1)[:, target].cpu())
+            out.append(call(model, inputs_for(model, xs[i:i + batch_size])).float().softmax(1)[:, target].cpu())
     return torch.cat(out).numpy()
 
 
