@@ -155,6 +155,7 @@ def first_tensor(out) -> torch.Tensor | None:
     return None
 
 
+_PROBE_BATCH = 2
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
@@ -184,12 +185,17 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
                          bool(previous) and previous[0] is t))
             previous[:] = [t]
 
-    x = torch.zeros((1, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
+    # two images: an output whose first dimension is not the batch (MobileViT's transformers fold the
+    # patch positions into it, (N*4, tokens, C); a per-model constant is (1, ...)) is not a map per image
+    x = torch.zeros((_PROBE_BATCH, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
     with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names), size_hint(x):
         model(x)
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}
     for name, module, shape, same_as_previous in seen:
+        if shape[0] != _PROBE_BATCH:
+            continue
+        shape = (1, *shape[1:])
         layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None
         probe = torch.empty(shape, device="meta")
         spatial = as_spatial(probe, layout)
@@ -297,7 +303,7 @@ def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer |
         return by_name[layer]
     modules = dict(model.named_modules())
     if layer in modules:
-        raise ValueError(f"layer {layer!r} has no spatial output (it gives neither (N,C,h,w) maps nor ViT "
-                         f"patch tokens), so CAM methods cannot use it; pick one of nbx.layers(model), "
+        raise ValueError(f"layer {layer!r} has no spatial output per image (it gives neither (N,C,h,w) maps "
+                         f"nor ViT patch tokens with the batch first), so CAM methods cannot use it; pick one of nbx.layers(model), "
                          f"e.g. {default_layer(model, input_shape).name!r}")
     raise unknown("layer", layer, [x.name for x in candidates(model, input_shape)] or list(by_name))

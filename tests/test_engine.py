@@ -625,3 +625,17 @@ def test_smoothgrad_with_fewer_samples_resumes_from_the_nearest_cached_chunk(zoo
     assert fewer.meta["evaluations"] == 4
     direct = nbx.attribute(model, x, "smoothgrad", samples=20, seed=5, target=7)
     torch.testing.assert_close(fewer.raw, direct[0].raw, rtol=1e-4, atol=1e-6)
+
+
+def test_an_output_that_folds_positions_into_the_batch_is_no_cam_layer():
+    """MobileViT's transformers run on (N*4, tokens, C): the first dimension is not the batch, so reading
+    it as N maps would give image 0 the map of one patch position (and Score-CAM a shape error)."""
+    model = make_model("mobilevit_xxs")
+    x = torch.randn(2, 3, 64, 64)
+    names = [layer["name"] for layer in nbx.layers(model, x, all=True)]
+    assert "stages.4" in names and not [n for n in names if ".transformer." in n]
+    for method in ("gradcam", "scorecam"):
+        out = nbx.attribute(model, x, method, target=3)
+        assert out[0].meta["layer"] == "stages.2" and out[1].raw.shape == (1, 8, 8)   # last grid >= 7
+    with pytest.raises(ValueError, match="per image"):
+        nbx.attribute(model, x[0], "gradcam", layer="stages.4.1.transformer.0.norm1")
