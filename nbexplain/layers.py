@@ -39,6 +39,12 @@ _MAX_PREFIX = 16              # class, distillation and register tokens before t
 class TokenLayout:
     prefix: int               # class/register/distillation tokens before the patches
     grid: tuple[int, int]
+    order: tuple[int, ...] | None = None     # the token at each grid cell, row-major, when not in raster order
+
+    def patches(self, t: torch.Tensor) -> torch.Tensor:
+        """The patch tokens of (N, T, ...) in raster order: (N, h*w, ...)."""
+        t = t[:, self.prefix:]
+        return t if self.order is None else t[:, list(self.order)]
 
 
 def core(model: nn.Module) -> tuple[str, nn.Module]:
@@ -57,6 +63,9 @@ def core(model: nn.Module) -> tuple[str, nn.Module]:
 def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -> TokenLayout | None:
     """How (N,T,C) tokens map onto the patch grid: from the model's attributes, else inferred."""
     model = core(model)[1]
+    rolled = _unrolled(model, num_tokens)
+    if rolled is not None:
+        return rolled
     grid = _patch_grid(model, input_hw)
     declared = getattr(model, "num_prefix_tokens", None)
     if grid is not None:
@@ -68,6 +77,22 @@ def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -
     # a model that declares its prefix tokens has no others: 32 channels of XCiT's channel attention
     # must not read as 16 "prefix" tokens and a 4x4 grid
     return _infer_layout(num_tokens, input_hw, range(_MAX_PREFIX + 1) if declared is None else (declared, 0))
+
+
+def _unrolled(model: nn.Module, num_tokens: int) -> TokenLayout | None:
+    """Hiera keeps its tokens "unrolled" (each mask unit's tokens together) until its last stage: its
+    own ``reroll`` module, applied to the token indices, says which token sits at each grid cell."""
+    reroll = getattr(model, "reroll", None)
+    schedule = getattr(reroll, "schedule", None)
+    if not isinstance(schedule, dict) or not callable(reroll):
+        return None
+    for block, (_, size) in schedule.items():
+        if len(size) == 2 and size[0] * size[1] == num_tokens:
+            cells = reroll(torch.arange(num_tokens).view(1, num_tokens, 1), block)      # (1, h, w, 1)
+            order = tuple(int(i) for i in cells.flatten())
+            return TokenLayout(0, (int(size[0]), int(size[1])),
+                               None if order == tuple(range(num_tokens)) else order)
+    return None
 
 
 def _patch_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:
@@ -127,7 +152,7 @@ def as_spatial(t: torch.Tensor, layout: TokenLayout | None) -> torch.Tensor | No
         return t
     if t.ndim == 3 and layout is not None and t.shape[1] == layout.prefix + layout.grid[0] * layout.grid[1]:
         n, _, c = t.shape
-        return t[:, layout.prefix:].reshape(n, *layout.grid, c).permute(0, 3, 1, 2)
+        return layout.patches(t).reshape(n, *layout.grid, c).permute(0, 3, 1, 2)
     return None
 
 

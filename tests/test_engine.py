@@ -639,3 +639,26 @@ def test_an_output_that_folds_positions_into_the_batch_is_no_cam_layer():
         assert out[0].meta["layer"] == "stages.2" and out[1].raw.shape == (1, 8, 8)   # last grid >= 7
     with pytest.raises(ValueError, match="per image"):
         nbx.attribute(model, x[0], "gradcam", layer="stages.4.1.transformer.0.norm1")
+
+
+def test_hiera_tokens_are_read_in_their_place_on_the_grid():
+    """Hiera keeps its tokens unrolled (each mask unit's tokens together) until the last stage; an earlier
+    block's CAM must put each token where the model's own reroll does, not in sequence order."""
+    model = make_model("hiera_tiny_224")
+    with torch.no_grad():
+        model.head.fc.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))   # timm inits it ~0
+    x = make_input(1, 224)
+    block = 2                                            # stage 2: 28x28 tokens, still unrolled
+    seen = {}
+    handle = model.blocks[block].register_forward_hook(lambda m, i, o: seen.update(out=o) or o.retain_grad())
+    try:
+        model(x)[0, 3].backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    acts, grads = (model.reroll(t, block) for t in (seen["out"].detach(), seen["out"].grad))   # (1, h, w, C)
+    ref = torch.relu((acts * torch.relu(grads)).sum(-1))                           # LayerCAM: per-cell weights
+    out = nbx.attribute(model, x[0], "layercam", target=3, layer=f"blocks.{block}")
+    assert out.raw.shape == (1, 28, 28) and float(ref.abs().max()) > 0
+    torch.testing.assert_close(out.raw, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    assert nbx.attribute(model, x[0], "gradcam").meta["layer"] == "blocks.11.norm1"   # last stage: raster

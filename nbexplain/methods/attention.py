@@ -53,8 +53,8 @@ def to_patches(ctx: Context, rows: torch.Tensor, layout: TokenLayout) -> torch.T
     net = core(ctx.model)[1]
     reads_cls = getattr(net, "cls_token", True) is not None and getattr(net, "global_pool", "token") == "token"
     class_rows = rows.shape[1] < rows.shape[2]
-    source = rows[:, 0, p:] if p > 0 and (reads_cls or class_rows) else rows[:, p:, p:].mean(1)
-    return source.reshape(len(rows), *layout.grid)
+    source = rows[:, 0] if p > 0 and (reads_cls or class_rows) else rows[:, p:].mean(1)
+    return layout.patches(source).reshape(len(rows), *layout.grid)
 
 
 def readings(ctx: Context, method: str, maps: list[torch.Tensor], names: list[str]) -> list[TokenLayout]:
