@@ -21,6 +21,9 @@ Method (read before quoting a number):
   medians are reported. ratio = peer median / our median (> 1: nbexplain is faster), against the fastest
   peer that agrees. Peers are called the way their docs show (model as given: parameters keep
   requires_grad=True; grad-cam/torchcam extractors built inside the timed call with ``with``).
+- CPU: one torch thread per process. A full run spreads the models' rows and the accuracy section over
+  ``--jobs`` worker processes (one per core, at most 2); a row's implementations always run in the same
+  process, so both cores' shared caches and memory bandwidth weigh on ours and the peers' alike.
 - bound (IG, SmoothGrad): a bare batched forward + ``torch.autograd.grad`` w.r.t. the input (parameters
   frozen) of the same number of evaluations in chunks of the same size, with the input in the memory
   format nbexplain uses for that model (channels-last for CNNs on the CPU), of the model as the user
@@ -46,6 +49,7 @@ import os
 import pathlib
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +100,7 @@ class Settings:
     widget_sg: tuple[int, int]
     mem_model: str
     mem_steps: int
-    acc_ref_steps: int = 257    # points of the fine reference that map errors are measured against
+    acc_ref_steps: int = 257    # points of the fine reference that map errors are measured against (CPU: 129)
 
 
 def settings_for(args) -> Settings:
@@ -113,7 +117,8 @@ def settings_for(args) -> Settings:
                     {"resnet50": "" if cuda else "layer1", "tf_efficientnet_lite0": "" if cuda else "blocks.5",
                      "deit_small_patch16_224": ""},
                     512, args.widget_model or (CHEAP if not cuda else "resnet50"),
-                    12 if cuda else 6, 5 if cuda else 2, (32, 64), (25, 50), "resnet50", 128)
+                    12 if cuda else 6, 5 if cuda else 2, (32, 64), (25, 50), "resnet50", 128,
+                    257 if cuda else 129)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -995,7 +1000,10 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
     L.append(f"- peers: captum {info.get('captum')}, grad-cam {info.get('grad_cam')}, torchcam {info.get('torchcam')}; "
              f"timm {info.get('timm')}; random weights (seed 0), eval mode; input {s.size}×{s.size} sample photos")
     L.append(f"- mode: {'quick (smoke: one run per row, tiny settings — ratios mean nothing)' if s.quick else 'full'}; "
-             f"row budget {s.row_budget:.0f} s, ≤ {s.max_reps} interleaved rounds; total {info['total_s']:.0f} s"
+             f"row budget {s.row_budget:.0f} s, ≤ {s.max_reps} interleaved rounds"
+             + (f"; rows and accuracy in {info['workers']} worker processes of one thread each (a row's "
+                "implementations always share one process)" if info.get("workers") else "")
+             + f"; total {info['total_s']:.0f} s"
              + (f" (this run) + {info['merged_from'].get('total_s', 0):.0f} s (the run whose other sections were "
                 "kept: `--merge`)" if info.get("merged_from") else ""))
     if s.restrict:
@@ -1103,6 +1111,59 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
 
 
 # ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# worker processes (CPU): the models' rows and the accuracy section spread over the cores
+# ------------------------------------------------------------------------------------------------
+# a full CPU run's minutes per section on 2 cores, to balance the workers (unknown models count 4)
+COST = {("rows", "resnet50"): 3.8, ("rows", "tf_efficientnet_lite0"): 5.0,
+        ("rows", "deit_small_patch16_224"): 3.2, ("accuracy", "deit_small_patch16_224"): 1.5}
+
+
+def split_work(row_models: list[str], acc_models: list[str], jobs: int) -> list[tuple[list[str], list[str]]]:
+    """(models for rows, models for accuracy) per worker: the costliest first, each to the least loaded."""
+    items = [("rows", m) for m in row_models] + [("accuracy", m) for m in acc_models]
+    loads = [[0.0, [], []] for _ in range(jobs)]
+    for item in sorted(items, key=lambda it: -COST.get(it, 4.0)):
+        w = min(loads, key=lambda ld: ld[0])
+        w[0] += COST.get(item, 4.0)
+        (w[1] if item[0] == "rows" else w[2]).append(item[1])
+    return [(rows, acc) for _, rows, acc in loads if rows or acc]
+
+
+def run_workers(b: Bench, args, work: list[tuple[list[str], list[str]]], acc: list[dict]) -> None:
+    """One process per share of the work, each with one torch thread; their rows, skips, accuracy results
+    and failures are merged in the order of ``--models``."""
+    procs = []
+    for k, (rows, acc_models) in enumerate(work):
+        out = b.out / f".worker{k}"
+        sections = ",".join((["rows"] if rows else []) + (["accuracy"] if acc_models else []))
+        cmd = [sys.executable, __file__, "--device", b.s.device, "--threads", "1", "--jobs", "1",
+               "--out", str(out), "--sections", sections, "--models", ",".join(rows or acc_models)]
+        if acc_models:
+            cmd += ["--accuracy-models", ",".join(acc_models)]
+        for flag, value in (("--size", args.size), ("--row-budget", args.row_budget), ("--max-reps", args.max_reps)):
+            if value:
+                cmd += [flag, str(value)]
+        cmd += [flag for flag, on in (("--no-restrict", args.no_restrict), ("--quick", args.quick)) if on]
+        print(f"worker {k}: rows {rows or '-'}, accuracy {acc_models or '-'}", flush=True)
+        procs.append((out, subprocess.Popen(cmd)))
+    order = {m: i for i, m in enumerate(args.models.split(","))}
+    for out, p in procs:
+        p.wait()
+        try:
+            d = json.loads((out / "bench.json").read_text())
+        except (OSError, ValueError) as e:
+            b.failures.append(f"worker {out.name}: exit {p.returncode}, no results ({e})")
+            continue
+        b.rows += d["rows"]
+        b.skipped += d["skipped"]
+        b.failures += d["failures"]
+        acc += d["ig_accuracy"]
+        shutil.rmtree(out, ignore_errors=True)
+    b.rows.sort(key=lambda r: order.get(r["model"], len(order)))      # stable: each model's rows keep their order
+    b.skipped.sort(key=lambda r: order.get(r["model"], len(order)))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke mode: every section once, tiny settings")
@@ -1122,6 +1183,10 @@ def main(argv=None) -> int:
     ap.add_argument("--widget-model", default="")
     ap.add_argument("--merge", action="store_true", help="keep the sections of OUT/bench.json that this run skips")
     ap.add_argument("--render", action="store_true", help="only re-render OUT/bench.md from OUT/bench.json")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="CPU: worker processes (one torch thread each) that share the models' rows and the "
+                         "accuracy section; every row still times its implementations side by side in one "
+                         "process (default: one per core, at most 2; 1 on CUDA and in --quick)")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "auto":
@@ -1161,14 +1226,20 @@ def main(argv=None) -> int:
         widget = d["widget"] if "widget" not in sections else widget
         mem = d["memory"] if "memory" not in sections else mem
         info["merged_from"] = d["machine"]
+    acc_models = [m for m in (args.accuracy_models.split(",") if args.accuracy_models else
+                              (models if s.device == "cuda" and not s.quick else
+                               [m for m in models if m == (CHEAP if s.quick else ACC_CPU)] or models[:1])) if m]
+    jobs = args.jobs or (1 if s.device == "cuda" or s.quick else min(2, os.cpu_count() or 1))
+    if jobs > 1 and sections & {"rows", "accuracy"}:
+        run_workers(b, args, split_work(models if "rows" in sections else [],
+                                        acc_models if "accuracy" in sections else [], jobs), acc)
+        info["workers"] = jobs
+        sections -= {"rows", "accuracy"}
     if "rows" in sections:
         for name in models:
             bench_model(b, name)
             write_report(b, info, acc, widget, mem)          # partial results survive a time limit
     if "accuracy" in sections:
-        acc_models = [m for m in (args.accuracy_models.split(",") if args.accuracy_models else
-                                  (models if s.device == "cuda" and not s.quick else
-                                   [m for m in models if m == (CHEAP if s.quick else ACC_CPU)] or models[:1])) if m]
         for name in acc_models:
             try:
                 acc.append(bench_ig_accuracy(b, name))
