@@ -180,7 +180,6 @@ def first_tensor(out) -> torch.Tensor | None:
     return None
 
 
-_PROBE_BATCH = 2
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
@@ -210,15 +209,25 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
                          bool(previous) and previous[0] is t))
             previous[:] = [t]
 
+    def run(batch: int) -> int:
+        seen.clear()
+        previous.clear()
+        x = torch.zeros((batch, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
+        with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names), size_hint(x):
+            model(x)
+        return batch
+
     # two images: an output whose first dimension is not the batch (MobileViT's transformers fold the
-    # patch positions into it, (N*4, tokens, C); a per-model constant is (1, ...)) is not a map per image
-    x = torch.zeros((_PROBE_BATCH, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
-    with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names), size_hint(x):
-        model(x)
+    # patch positions into it, (N*4, tokens, C); a per-model constant is (1, ...)) is not a map per image.
+    # A model that only takes one image (x.view(1, ...)) is probed with one, and its error, if any, raised.
+    try:
+        batch = run(2)
+    except Exception:
+        batch = run(1)
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}
     for name, module, shape, same_as_previous in seen:
-        if shape[0] != _PROBE_BATCH:
+        if shape[0] != batch:
             continue
         shape = (1, *shape[1:])
         layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None

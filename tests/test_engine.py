@@ -662,3 +662,18 @@ def test_hiera_tokens_are_read_in_their_place_on_the_grid():
     assert out.raw.shape == (1, 28, 28) and float(ref.abs().max()) > 0
     torch.testing.assert_close(out.raw, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
     assert nbx.attribute(model, x[0], "gradcam").meta["layer"] == "blocks.11.norm1"   # last stage: raster
+
+
+def test_a_model_that_takes_one_image_only_still_has_cam_layers():
+    """Layer discovery probes with two images; a model hard-wired to one (view(1, -1)) is probed with one."""
+    class OneImage(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.Linear(4 * 16 * 16, 5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+    model = OneImage().eval()
+    out = nbx.attribute(model, torch.randn(3, 64, 64), "gradcam", target=2)
+    assert out.meta["layer"] == "conv" and out.raw.shape == (1, 16, 16)
