@@ -338,6 +338,6 @@ def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer |
     modules = dict(model.named_modules())
     if layer in modules:
         raise ValueError(f"layer {layer!r} has no spatial output per image (it gives neither (N,C,h,w) maps "
-                         f"nor ViT patch tokens with the batch first), so CAM methods cannot use it; pick one of nbx.layers(model), "
-                         f"e.g. {default_layer(model, input_shape).name!r}")
+                         f"nor ViT patch tokens with the batch first), so CAM methods cannot use it; pick "
+                         f"one of nbx.layers(model), e.g. {default_layer(model, input_shape).name!r}")
     raise unknown("layer", layer, [x.name for x in candidates(model, input_shape)] or list(by_name))
