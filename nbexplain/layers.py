@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,12 +39,13 @@ _MAX_PREFIX = 16              # class, distillation and register tokens before t
 class TokenLayout:
     prefix: int               # class/register/distillation tokens before the patches
     grid: tuple[int, int]
-    order: tuple[int, ...] | None = None     # the token at each grid cell, row-major, when not in raster order
+    # the token at each grid cell, row-major, when they are not in raster order
+    order: torch.Tensor | None = field(default=None, compare=False)
 
     def patches(self, t: torch.Tensor) -> torch.Tensor:
         """The patch tokens of (N, T, ...) in raster order: (N, h*w, ...)."""
         t = t[:, self.prefix:]
-        return t if self.order is None else t[:, list(self.order)]
+        return t if self.order is None else t.index_select(1, self.order.to(t.device))
 
 
 def core(model: nn.Module) -> tuple[str, nn.Module]:
@@ -79,20 +80,28 @@ def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -
     return _infer_layout(num_tokens, input_hw, range(_MAX_PREFIX + 1) if declared is None else (declared, 0))
 
 
+_UNROLLED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def _unrolled(model: nn.Module, num_tokens: int) -> TokenLayout | None:
     """Hiera keeps its tokens "unrolled" (each mask unit's tokens together) until its last stage: its
-    own ``reroll`` module, applied to the token indices, says which token sits at each grid cell."""
+    own ``reroll`` module, applied to the token indices, says which token sits at each grid cell.
+    Memoised per reroll module and token count (one per stage): every CAM capture asks."""
     reroll = getattr(model, "reroll", None)
     schedule = getattr(reroll, "schedule", None)
     if not isinstance(schedule, dict) or not callable(reroll):
         return None
-    for block, (_, size) in schedule.items():
-        if len(size) == 2 and size[0] * size[1] == num_tokens:
-            cells = reroll(torch.arange(num_tokens).view(1, num_tokens, 1), block)      # (1, h, w, 1)
-            order = tuple(int(i) for i in cells.flatten())
-            return TokenLayout(0, (int(size[0]), int(size[1])),
-                               None if order == tuple(range(num_tokens)) else order)
-    return None
+    known = _UNROLLED.setdefault(reroll, {})
+    if num_tokens not in known:
+        known[num_tokens] = next((_rerolled(reroll, block, size, num_tokens) for block, (_, size)
+                                  in schedule.items() if len(size) == 2 and size[0] * size[1] == num_tokens), None)
+    return known[num_tokens]
+
+
+def _rerolled(reroll: nn.Module, block: int, size, num_tokens: int) -> TokenLayout:
+    cells = reroll(torch.arange(num_tokens).view(1, num_tokens, 1), block).flatten()     # (1, h, w, 1)
+    in_order = bool((cells == torch.arange(num_tokens)).all())
+    return TokenLayout(0, (int(size[0]), int(size[1])), None if in_order else cells)
 
 
 def _patch_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:
