@@ -1111,7 +1111,6 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
 
 
 # ------------------------------------------------------------------------------------------------
-# ------------------------------------------------------------------------------------------------
 # worker processes (CPU): the models' rows and the accuracy section spread over the cores
 # ------------------------------------------------------------------------------------------------
 # a full CPU run's minutes per section on 2 cores, to balance the workers (unknown models count 4)
@@ -1157,7 +1156,8 @@ def run_workers(b: Bench, args, work: list[tuple[list[str], list[str]]], acc: li
             continue
         b.rows += d["rows"]
         b.skipped += d["skipped"]
-        b.failures += d["failures"]
+        b.failures += d["failures"] or ([f"worker {out.name}: exit {p.returncode} (its results are partial)"]
+                                        if p.returncode else [])
         acc += d["ig_accuracy"]
         shutil.rmtree(out, ignore_errors=True)
     b.rows.sort(key=lambda r: order.get(r["model"], len(order)))      # stable: each model's rows keep their order
