@@ -16,6 +16,7 @@ from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, to
 from .folding import folded, folded_weights
 from .speed import NCHW, Plan, plan
 from .stem import input_gradient_sum, input_stem, summed_at_stem
+from .tail import dead_tokens, pruned
 
 
 @dataclass
@@ -67,14 +68,16 @@ class Context:
 
         Passes of two or more samples run with BatchNorm folded and in the batched layout
         (``speed.plan``): folding costs about a batch-1 pass's saving (20-50 ms for resnet50 on the
-        CPU), so it is done once per call, when the work is batched."""
+        CPU), so it is done once per call, when the work is batched. Once the logits at x are known,
+        a ViT's last block skips the tokens its head never reads (``tail``): its check is a forward."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
         batched = len(xs) >= 2
         pairs = list(self.plan.pairs) if batched else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
         fmt = self.plan.memory_format if batched else self.plan.single
-        with folded(pairs, self._folded or []):
+        tail = self.tail if batched and self.logits is not None else None
+        with folded(pairs, self._folded or []), pruned(self.model, tail):
             return call(self.model, xs.contiguous(memory_format=fmt))
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,6 +127,8 @@ class Context:
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
         total, scores = torch.zeros_like(self.x), []
         per_chunk = max(1, self.batch_size // n)
+        if self.logits is not None:
+            self.tail        # checked now: its probe must see the plain stem, not the swapped one
         for j in range(0, len(weights), per_chunk):
             rows = slice(j * n, (j + per_chunk) * n)
             with torch.enable_grad(), summed_at_stem(stem, n, weights[j:j + per_chunk]) as state:
@@ -133,6 +138,11 @@ class Context:
             scores.append(score.detach())
             self.report(min(1.0, (j + per_chunk) / len(weights)))
         return total, torch.cat(scores)
+
+    @cached_property
+    def tail(self):
+        """The last ViT block and the tokens the head reads (``tail.dead_tokens``), looked up once per call."""
+        return dead_tokens(self.model, self.x, self.logits)
 
     @cached_property
     def stem(self) -> nn.Conv2d | None:

@@ -79,13 +79,14 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
         # both paths together first (on most CNNs both hold: two forwards in all), then each alone
         fast = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         for fmt, folds in dict.fromkeys([(fast, pairs), (torch.contiguous_format, pairs), (fast, ())]):
-            if (fmt, folds) != NCHW and _same(run(fmt, folds), ref):
+            if (fmt, folds) != NCHW and same_logits(run(fmt, folds), ref):
                 grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
                 return Plan(fmt, folds, fmt if grouped else torch.contiguous_format)
     return NCHW
 
 
-def _same(got: torch.Tensor | None, ref: torch.Tensor) -> bool:
+def same_logits(got: torch.Tensor | None, ref: torch.Tensor) -> bool:
+    """Whether a fast path kept the plain model's logits (NaN or a changed shape never does)."""
     if got is None or got.shape != ref.shape:
         return False
     rtol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 1e-2

@@ -369,3 +369,56 @@ def test_a_model_that_reads_its_input_twice_gets_every_path_of_its_gradient():
     ours = nbx.attribute(model, x, "integrated_gradients", target=3, steps=8, baseline="zeros")
     ref = IntegratedGradients(model).attribute(x.clone(), target=3, n_steps=8)
     assert_close(torch.cat([a.raw for a in ours]), ref)
+
+
+# --- a ViT's last block computes only the tokens its head reads ------------------------------------
+def _last_mlp_rows(model, images: int, run) -> list[int]:
+    """Token rows the last block's MLP saw in each expanded pass (more samples than the ``images``) of
+    ``run()``: a spy in place of its forward, not a hook (a hook switches the pruning off)."""
+    mlp, rows = model.blocks[-1].mlp, []
+    mlp.forward = lambda h: (rows.append(h.shape[1]) if len(h) > images else None) or type(mlp).forward(mlp, h)
+    try:
+        run()
+    finally:
+        del mlp.forward
+    return rows
+
+
+def test_a_vits_last_block_computes_only_the_tokens_its_head_reads_with_the_same_maps():
+    """Class-token pooling reads token 0 (and the distillation token): the last block's MLP runs on those
+    rows alone, and IG still matches captum's. Average pooling reads every token: nothing is pruned."""
+    x = make_input(2)
+    for name, kw, keep in (("vit", {}, 1), ("vit", {"reg_tokens": 4}, 1),
+                           ("deit_tiny_distilled_patch16_224", {"img_size": 96, "depth": 3}, 2),
+                           ("vit", {"global_pool": "avg"}, None)):
+        model = make_model(name, **kw)
+        tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+        got = []
+        rows = _last_mlp_rows(model, len(x), lambda: got.extend(nbx.attribute(
+            model, x, "integrated_gradients", target=TARGET, steps=8, baseline="zeros", batch_size=8)))
+        assert rows and set(rows) == {keep or tokens}, (name, kw, rows)
+        ref = IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=8)
+        assert_close(torch.cat([a.raw for a in got]), ref)
+        assert not any("forward" in m.__dict__ for m in model.modules()) and hook_count(model) == 0
+
+
+def test_with_a_hook_anywhere_in_the_vit_its_last_block_runs_whole():
+    """A user's hook on the final norm reads every token of the last block's output: it must see what
+    the plain model computes there, so with any hook on the model nothing is pruned."""
+    model, x = make_model("vit"), make_input(1)
+    inputs, outputs = [], []
+    handles = [model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone())),
+               model.norm.register_forward_hook(lambda m, a, out: outputs.append(out.detach().clone()))]
+    try:
+        rows = _last_mlp_rows(model, len(x), lambda: nbx.attribute(
+            model, x, "integrated_gradients", target=TARGET, steps=4, batch_size=4))
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(rows) == {model.patch_embed.num_patches + model.num_prefix_tokens}
+    assert len(inputs) == len(outputs) >= 2
+    with torch.no_grad():
+        for xi, out in zip(inputs, outputs):
+            if not torch.isfinite(xi).all():
+                continue                      # the stem probe's NaN image
+            assert_close(out, model.norm(model.blocks(model._pos_embed(model.patch_embed(xi)))))

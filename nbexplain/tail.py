@@ -1,0 +1,95 @@
+"""A ViT's last block computed only for the tokens its head reads.
+
+With class-token pooling the head reads token 0 (and a distillation token) of the last block's output,
+so that block's MLP and residual for the other tokens are dead work in the forward and the backward.
+Attention still runs over every token: their keys and values are what the class token reads.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from .calls import call
+from .hygiene import hooked
+from .layers import core
+from .speed import once_per_shape, same_logits
+
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class Tail(NamedTuple):
+    block: nn.Module       # the last transformer block
+    keep: int              # leading tokens of its output that the head reads
+
+
+def dead_tokens(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Tail | None:
+    """The last block and the tokens the head reads, checked once per model and input shape: a forward at
+    x whose last block computes ``keep`` tokens and leaves the others NaN must give ``logits`` (the plain
+    model's at x). One batch-1 forward per ``keep`` tried (1, then the model's prefix tokens)."""
+    if x.ndim != 4 or not x.is_floating_point() or _hooks_anywhere(model):   # no pruning: nothing to check
+        return None
+    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), logits[:1]))
+
+
+def _last_block(model: nn.Module) -> nn.Module | None:
+    """The last module whose forward is exactly timm's ViT ``Block.forward`` (the code ``pruned`` mirrors)."""
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError:
+        return None
+    found = [m for m in model.modules() if type(m).forward is Block.forward]
+    return found[-1] if found else None
+
+
+def _probe(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> Tail | None:
+    block = _last_block(model)
+    if block is None:
+        return None
+    prefix = getattr(core(model)[1], "num_prefix_tokens", 1)
+    for keep in dict.fromkeys((1, prefix if isinstance(prefix, int) and prefix > 1 else 1)):
+        try:
+            with torch.no_grad(), pruned(model, Tail(block, keep), poison=True) as active:
+                got = call(model, x)
+        except Exception:   # noqa: BLE001 - any failure means "not safe"; the real pass reports its own errors
+            return None
+        if active and same_logits(got, ref):
+            return Tail(block, keep)
+    return None
+
+
+def _hooks_anywhere(model: nn.Module) -> bool:
+    """A hook may read the block's dead tokens (or any module after it): then the model runs whole."""
+    g = nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return True
+    return any(hooked(m) for m in model.modules())
+
+
+@contextmanager
+def pruned(model: nn.Module, tail: Tail | None, poison: bool = False) -> Iterator[bool]:
+    """The tail block computes its first ``keep`` tokens; the others pass through unchanged (NaN with
+    ``poison``, so a probe sees whether anything reads them). Yields whether it is pruned."""
+    if tail is None or "forward" in tail.block.__dict__ or _hooks_anywhere(model):
+        yield False
+        return
+    block, keep = tail
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:   # timm's Block.forward, on `keep` rows
+        if x.ndim != 3 or x.shape[1] <= keep:
+            return type(block).forward(block, x, *args, **kwargs)
+        attended = block.attn(block.norm1(x), *args, **kwargs)[:, :keep]
+        h = x[:, :keep] + block.drop_path1(block.ls1(attended))
+        h = h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+        rest = torch.full_like(x[:, keep:], float("nan")) if poison else x[:, keep:].detach()
+        return torch.cat([h, rest], 1)
+
+    block.forward = forward
+    try:
+        yield True
+    finally:
+        block.__dict__.pop("forward", None)
