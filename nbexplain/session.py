@@ -19,6 +19,7 @@ from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
 from .models import ModelInfo, tensor_versions
 from .pipeline import ByteLRU, Graph, Record, Stage, digest
+from .replica import Replica
 
 DISPLAY_MAX_SIDE = 512
 DEFAULT_CACHE_BYTES = 512 * 2**20
@@ -67,6 +68,7 @@ class Session:
     def __init__(self, model: torch.nn.Module, info: ModelInfo, items: list[Item],
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.model, self.info, self.items = model, info, items
+        self.private = Replica(model)         # what the passes run on: the widget computes in the background
         self.cache = ByteLRU(cache_bytes)
         self.graph = Graph(self._stages(), self.cache)
         self.progress: Callable[[float], None] | None = None
@@ -106,8 +108,8 @@ class Session:
 
     def _forward(self, state: dict, up: dict) -> torch.Tensor:
         x = up["preprocess"].x
-        with self.lock, borrowed(self.model), torch.no_grad():
-            return call(self.model, inputs_for(self.model, x)).detach().float().cpu()
+        with self.lock, borrowed(model := self.private.get()), torch.no_grad():
+            return call(model, inputs_for(model, x)).detach().float().cpu()
 
     def _target(self, state: dict, logits: torch.Tensor) -> int:
         t = state.get("target", -1)
@@ -118,13 +120,13 @@ class Session:
         fam = family(state["method"])
         if fam == "pixel":
             return memo                       # filled lazily by the methods (IG points, noise sums)
-        x = inputs_for(self.model, up["preprocess"].x)
-        target = torch.tensor([self._target(state, up["forward"])], device=x.device)
-        with self.lock, borrowed(self.model):
-            ctx = Context(self.model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
+        with self.lock, borrowed(model := self.private.get()):
+            x = inputs_for(model, up["preprocess"].x)
+            target = torch.tensor([self._target(state, up["forward"])], device=x.device)
+            ctx = Context(model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
                           progress=self.progress)
             if fam == "cam":
-                ctx.capture_all(candidates(self.model, tuple(x.shape)))
+                ctx.capture_all(candidates(model, tuple(x.shape)))
             else:
                 memo[("attention", False)] = ctx.attention(gradients=True)._replace(grads=None)
         return memo
@@ -133,7 +135,7 @@ class Session:
         spec = get_method(state["method"])
         params = spec.validate({p.name: state[p.name] for p in spec.params if p.name in state})
         with self.lock:
-            run = compute(self.model, up["preprocess"].x, spec, params,
+            run = compute(self.private.get(), up["preprocess"].x, spec, params,
                           target=self._target(state, up["forward"]), layer=layer_of(state) or None,
                           info=self.info, memo=up["workspace"], progress=self.progress,
                           logits=up["forward"], keep_intermediates=True)
@@ -171,8 +173,8 @@ class Session:
 
     def layers(self, state: dict) -> list[dict]:
         prepared, _ = self.evaluate(state, "preprocess")
-        with self.lock, borrowed(self.model):
-            return [layer.as_dict() for layer in candidates(self.model, tuple(prepared.x.shape))]
+        with self.lock, borrowed(model := self.private.get()):
+            return [layer.as_dict() for layer in candidates(model, tuple(prepared.x.shape))]
 
     def close(self) -> None:
         self.cache.clear()

@@ -115,3 +115,20 @@ def edge_foil():
         return (gx.abs() + gy.abs()).expand_as(ctx.x)
     yield "edges_foil"
     REGISTRY.pop("edges_foil")
+
+
+def user_view(model: nn.Module) -> tuple:
+    """Everything another notebook cell sees of a model: state_dict keys and values, the parameter objects
+    and their requires_grad, every module's training flag, hooks and forward overrides."""
+    from nbexplain.hygiene import hook_count
+    state = model.state_dict(keep_vars=True)
+    return (list(state), [t.detach().clone() for t in state.values()],
+            [(id(p), p.requires_grad) for p in model.parameters()],
+            [m.training for m in model.modules()], hook_count(model),
+            [type(m).__name__ for m in model.modules() if "forward" in m.__dict__])
+
+
+def assert_same_view(got: tuple, want: tuple) -> None:
+    assert got[0] == want[0], "state_dict keys changed"
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1])), "state_dict values changed"
+    assert got[2:] == want[2:], "parameters, requires_grad, training flags, hooks or forwards changed"

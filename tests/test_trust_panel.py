@@ -147,3 +147,24 @@ def test_explorer_opens_a_trust_panel_on_what_it_shows(explorer):
     assert panel.params["gradcam"]["layer"] == "layer1"
     panel.run()
     assert panel.report is not None and panel.report.steps == ["layer4", "fc"]
+
+
+def test_the_checks_leave_the_model_as_the_user_left_it_while_they_run(image, monkeypatch):
+    """The Run button computes in a background thread: during every pass, another cell sees the model's
+    own state_dict, requires_grad and train flags, and no hooks."""
+    from conftest import assert_same_view, user_view
+    from nbexplain.context import Context
+    model = nbx.load_model("synthetic-cnn").train()
+    before, passes = user_view(model), []
+    real = Context.forward
+
+    def forward(ctx, xs):
+        passes.append(ctx.model is not model)
+        assert_same_view(user_view(model), before)
+        return real(ctx, xs)
+    monkeypatch.setattr(Context, "forward", forward)
+    panel = TrustPanel(model, image, methods=["gradcam", "integrated_gradients"], groups=layer_groups(model)[-1:])
+    panel._clicked()
+    panel.wait()
+    assert passes and all(passes) and panel.report is not None
+    assert_same_view(user_view(model), before)

@@ -351,3 +351,37 @@ def test_the_cache_counts_an_attribution_run_by_its_tensors():
     raw = torch.zeros(1, 3, 224, 224)
     run = Run(None, {}, raw, torch.zeros(1, dtype=torch.long), torch.zeros(1, 1000), {}, {}, torch.device("cpu"))
     assert nbytes(run) >= raw.nbytes + 1000 * 4
+
+
+def test_another_cell_sees_the_model_as_the_user_left_it_while_the_widget_computes(images, monkeypatch):
+    """The widget computes in a background thread: a cell that saves, trains or inspects the model
+    meanwhile must see its own state_dict (not folded weights), its requires_grad and train flags, no
+    hooks; a change made meanwhile is kept, and the maps follow the model's current weights."""
+    from conftest import assert_same_view, user_view
+    from nbexplain.context import Context
+    model = nbx.load_model("synthetic-cnn").train()
+    model.fc.weight.requires_grad_(False)
+    before, passes = user_view(model), []
+    real = Context.forward
+
+    def forward(ctx, xs):           # every pass of the widget checks what the user sees meanwhile
+        passes.append(ctx.model is not model)
+        assert_same_view(user_view(model), before)
+        return real(ctx, xs)
+    monkeypatch.setattr(Context, "forward", forward)
+    w = nbx.explain(model, images, method="integrated_gradients", steps=8)
+    w.wait()
+    change(w, method="gradcam")
+    assert passes and all(passes)
+    monkeypatch.setattr(Context, "forward", real)
+
+    model.layer1.requires_grad_(False)                          # the user's own change, kept
+    change(w, method="saliency")
+    assert not any(p.requires_grad for p in model.layer1.parameters()) and model.training
+    for edit in (lambda: model.fc.weight.mul_(-1), lambda: setattr(model.fc.weight, "data", model.fc.weight * 3)):
+        with torch.no_grad():
+            edit()                                              # in place (training) or rebound (.data =)
+        change(w, layer="layer1")
+        direct = nbx.attribute(model, images[w.image], "saliency", target=w.target if w.target >= 0 else None)
+        np.testing.assert_allclose(w.result.map, direct.map, rtol=1e-5, atol=1e-6)
+    w.close()

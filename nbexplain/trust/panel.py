@@ -18,6 +18,7 @@ import numpy as np
 
 from ..api import attribute
 from ..calls import eager
+from ..replica import Replica
 from .agreement import DISAGREE_BELOW, Agreement
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
@@ -58,6 +59,7 @@ class TrustPanel(ipywidgets.VBox):
         if mode not in ("cascading", "independent"):
             raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
         self.model, self.image, self.methods, self.target = eager(model), image, methods, target
+        self.private = Replica(self.model)    # what the checks run on: the button runs them in the background
         self.params = {m: dict(v) for m, v in (params or {}).items()}
         self.mode, self.groups, self.steps, self.fill, self.seed = mode, groups, steps, fill, seed
         self.report: RandomizationReport | None = None
@@ -184,12 +186,12 @@ class TrustPanel(ipywidgets.VBox):
         return self
 
     def _run(self) -> None:
-        methods = self.methods
+        methods, model = self.methods, self.private.get()
         self._step(0, "explaining…")
         exps: dict = {}
         for m in methods:
             target = self.target if not exps else next(iter(exps.values())).target
-            exps[m] = attribute(self.model, self.image, m, target=target, **self.params.get(m, {}))
+            exps[m] = attribute(model, self.image, m, target=target, **self.params.get(m, {}))
         self.attributions = exps
         first = exps[methods[0]]
         self.title.value = self._title(self.title_name(), first.label or str(first.target))
@@ -206,9 +208,9 @@ class TrustPanel(ipywidgets.VBox):
 
         self._step(2, "deletion / insertion…")
         rng = np.random.default_rng(self.seed)
-        curves = {m: deletion_insertion(self.model, e, steps=self.steps, fill=self.fill) for m, e in exps.items()}
+        curves = {m: deletion_insertion(model, e, steps=self.steps, fill=self.fill) for m, e in exps.items()}
         shape = tuple(first.input.shape[2:]) if first.input is not None else first.map.shape
-        curves["random"] = deletion_insertion(self.model, first, saliency=rng.random(shape), steps=self.steps,
+        curves["random"] = deletion_insertion(model, first, saliency=rng.random(shape), steps=self.steps,
                                               fill=self.fill)
         self.curves = curves
         for kind, marks in (("deletion", self.deletion_lines), ("insertion", self.insertion_lines)):
@@ -222,7 +224,7 @@ class TrustPanel(ipywidgets.VBox):
         self._step(3, "randomisation test (recomputes every map per layer)…")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = randomization_test(self.model, self.image, methods, mode=self.mode, target=first.target,
+            report = randomization_test(model, self.image, methods, mode=self.mode, target=first.target,
                                         groups=self.groups, seed=self.seed, params=self.params)
         self.report = report
         # each line starts at the unchanged model ('original', similarity 1) and follows the randomised layers
