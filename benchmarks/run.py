@@ -1172,8 +1172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--size", type=int, default=0, help="input side (default 224; quick 64)")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (default: 1 on CPU — on a shared 2-core machine OpenMP "
-                         "spin-waits made 2 threads ~3× slower and far noisier — and torch's default on CUDA)")
+                    help="torch intra-op threads (default: 1 on CPU, where the rows run in --jobs worker "
+                         "processes instead; torch's default on CUDA)")
     ap.add_argument("--row-budget", type=float, default=0.0, help="seconds of timed rounds per row")
     ap.add_argument("--max-reps", type=int, default=0)
     ap.add_argument("--no-restrict", action="store_true", help="CPU: run every row on every model")

@@ -90,6 +90,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             if seen.ndim != 2 or seen.shape[0] != x.shape[0]:
                 raise ValueError(f"model: expected class scores of shape (N, classes), got {tuple(seen.shape)}; "
                                  "wrap the model so it returns logits")
+            if info.labels is not None and len(info.labels) != seen.shape[1]:
+                raise ValueError(f"labels: got {len(info.labels)} names for a model with {seen.shape[1]} classes; "
+                                 "pass one name per class, in the order of the model's outputs")
             return resolve_targets(target, seen, info.labels)
 
         ctx = Context(model, x, choose, info.preprocess, batch_size or auto_batch_size(x, device),

@@ -19,6 +19,15 @@ from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import dead_tokens, pruned
 
 
+def differentiable(score: torch.Tensor) -> torch.Tensor:
+    """``score``, or an error that says why the model's output carries no gradient."""
+    if not score.requires_grad:
+        raise ValueError("model: its scores carry no gradient (its forward runs under torch.no_grad(), detaches "
+                         "its output or returns integers), so gradient methods cannot run; return differentiable "
+                         "logits, or use 'occlusion', which needs forward passes only")
+    return score
+
+
 @dataclass
 class Context:
     """One attribution call. Every pass runs under ``hygiene.borrowed`` (set up by the caller, around
@@ -106,7 +115,7 @@ class Context:
                 logits = self.forward(xi)
                 t = self.seen(logits) if targets is None else targets[i:i + self.batch_size]
                 score = logits.gather(1, t[:, None])[:, 0]
-                (g,) = torch.autograd.grad(score.sum(), xi)
+                (g,) = torch.autograd.grad(differentiable(score).sum(), xi)
             grads.append(g)
             scores.append(score.detach())
             self.report(min(1.0, (i + len(xi)) / len(xs)))
@@ -134,7 +143,7 @@ class Context:
             with torch.enable_grad(), summed_at_stem(stem, n, weights[j:j + per_chunk]) as state:
                 logits = self.forward(xs[rows].detach())
                 score = logits.gather(1, targets[rows, None])[:, 0]
-                total += input_gradient_sum(state, score.sum())
+                total += input_gradient_sum(state, differentiable(score).sum())
             scores.append(score.detach())
             self.report(min(1.0, (j + per_chunk) / len(weights)))
         return total, torch.cat(scores)
@@ -216,7 +225,7 @@ class Context:
             wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
             if gradients or input_grad:
                 score = logits.gather(1, targets[:, None]).sum()
-                got = torch.autograd.grad(score, wrt, allow_unused=True)
+                got = torch.autograd.grad(differentiable(score), wrt, allow_unused=True)
                 got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, wrt)]
         hw = tuple(self.x.shape[2:])
         acts, grads = {}, {} if gradients else None
@@ -265,7 +274,7 @@ class Context:
             grads = None
             if gradients:
                 score = logits.gather(1, targets[:, None]).sum()
-                grads = [g.detach() for g in torch.autograd.grad(score, maps)]
+                grads = [g.detach() for g in torch.autograd.grad(differentiable(score), maps)]
         self.report(1.0)
         return Attention([m.detach() for m in maps], grads, names)
 

@@ -107,6 +107,8 @@ def to_pil(image: Any) -> Image.Image:
             f.load()
             return to_pil(f)
     if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image: the picture is empty ({image.width}x{image.height} pixels)")
         return _pil_to_rgb(ImageOps.exif_transpose(image) or image)
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array_to_uint8(image))
@@ -118,13 +120,17 @@ def _pil_to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # PIL's convert('RGB') clips high-bit-depth values at 255: rescale by the type's range instead
         arr = np.asarray(img).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"image: the {img.mode}-mode picture holds NaN or Inf values")
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             hi = 1.0
         return Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if img.mode == "La":                       # premultiplied: PIL converts it to LA only
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         # transparent pixels are shown on white, as an image viewer would
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

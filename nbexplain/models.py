@@ -46,6 +46,8 @@ def describe(model: nn.Module, preprocess: Preprocess | None = None,
             raise TypeError("preprocess: pass an nbx.Preprocess(size=..., mean=..., std=...)")
         info = replace(info, preprocess=preprocess)
     if labels is not None:
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+            raise TypeError(f"labels: expected a list of class names, got a {type(labels).__name__}")
         info = replace(info, labels=tuple(str(label) for label in labels))
     return info
 

@@ -41,7 +41,7 @@ def _last_block(model: nn.Module) -> nn.Module | None:
         from timm.models.vision_transformer import Block
     except ImportError:
         return None
-    found = [m for m in model.modules() if type(m).forward is Block.forward]
+    found = [m for m in model.modules() if isinstance(m, Block) and type(m).forward is Block.forward]
     return found[-1] if found else None
 
 

@@ -124,6 +124,27 @@ def test_a_wrapper_module_keeps_the_layer_roles_of_the_network_inside(vit):
                            nbx.attribute(avg, X, method).raw)
 
 
+class Detached(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).detach()
+
+
+def test_scores_without_gradients_name_the_cause_and_occlusion_still_runs(cnn, vit):
+    from nbexplain.hygiene import hook_count
+    for model in (Detached(cnn).eval(), Detached(vit).eval()):
+        for method in ("saliency", "gradcam", "integrated_gradients", "smoothgrad"):
+            with pytest.raises(ValueError, match=r"model: its scores carry no gradient.*use 'occlusion'"):
+                nbx.attribute(model, X, method, **({"baseline": "zeros"} if method == "integrated_gradients" else {}))
+        assert np.isfinite(nbx.attribute(model, X, "occlusion", patch=32, stride=32).map).all()
+        assert hook_count(model) == 0
+    with pytest.raises(ValueError, match=r"model: its scores carry no gradient"):
+        nbx.attribute(Detached(vit).eval(), X, "grad_rollout")
+
+
 def test_an_output_without_scores_says_how_to_wrap_the_model(cnn):
     with pytest.raises(TypeError, match=r"model: expected class scores.*got str; wrap the model"):
         nbx.attribute(Returns(cnn, "str").eval(), X, "saliency")
@@ -138,10 +159,12 @@ def test_a_low_precision_model_gets_inputs_in_its_dtype(dtype):
     assert all(p.dtype == dtype for p in model.parameters())
 
 
-def test_torchscript_models_get_a_clear_error_for_hook_methods(cnn):
+def test_torchscript_models_run_the_pixel_methods_and_get_a_clear_error_for_hook_methods(cnn):
     from nbexplain.hygiene import hook_count
     traced = torch.jit.trace(cnn, X[None])
-    assert nbx.attribute(traced, X, "saliency").raw.shape == (1, 3, 64, 64)
+    for method, params in (("saliency", {}), ("smoothgrad", {"samples": 2}), ("occlusion", {"patch": 32, "stride": 32}),
+                           ("integrated_gradients", {"steps": 2, "baseline": "zeros"})):
+        assert nbx.attribute(traced, X, method, **params).raw.shape == (1, 3, 64, 64), method
     with pytest.raises(TypeError, match=r"forward hooks, which TorchScript modules.*pass the original nn.Module"):
         nbx.attribute(traced, X, "gradcam")
     assert hook_count(cnn) == 0
@@ -165,6 +188,18 @@ def test_target_out_of_range(cnn, target):
 def test_target_unknown_class_name(cnn):
     with pytest.raises(ValueError, match=r"target='goldfsh'.*Did you mean: 'goldfish'"):
         nbx.attribute(cnn, X, "saliency", target="goldfsh")
+
+
+def test_labels_must_name_every_class_before_any_work_is_done(cnn, monkeypatch):
+    from nbexplain.context import Context
+    passes = []
+    real = Context.forward
+    monkeypatch.setattr(Context, "forward", lambda ctx, xs: passes.append(len(xs)) or real(ctx, xs))
+    with pytest.raises(ValueError, match=r"labels: got 2 names for a model with \d+ classes; pass one name per class"):
+        nbx.attribute(cnn, X, "integrated_gradients", steps=8, labels=["a", "b"])
+    assert passes == [1]                     # the first pass at the image, not the path's 8 points
+    with pytest.raises(TypeError, match="labels: expected a list of class names, got a str"):
+        nbx.attribute(cnn, X, "saliency", labels="abc")
 
 
 def test_target_name_without_labels():
@@ -206,6 +241,14 @@ def test_empty_inputs(cnn):
         nbx.attribute(cnn, np.zeros((0, 0, 3), np.uint8), "saliency")
     with pytest.raises(ValueError, match="images: the list is empty"):
         nbx.attribute(cnn, [], "saliency")
+    for size in ((0, 0), (0, 5), (5, 0)):
+        with pytest.raises(ValueError, match=rf"image: the picture is empty \({size[0]}x{size[1]} pixels\)"):
+            nbx.attribute(cnn, Image.new("RGB", size), "saliency")
+        with pytest.raises(ValueError, match="image: the picture is empty"):
+            nbx.explain(cnn, [Image.new("RGB", size)])
+    nan = np.full((8, 8), np.nan, np.float32)
+    with pytest.raises(ValueError, match="image: the F-mode picture holds NaN or Inf values"):
+        nbx.attribute(cnn, Image.fromarray(nan, "F"), "saliency")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -268,6 +311,15 @@ def test_tensor_baseline_of_the_wrong_shape(cnn):
         nbx.attribute(cnn, X, "occlusion", fill=torch.zeros(3, 64, 64))
 
 
+def test_a_tensor_baseline_must_be_finite_floats_and_numpy_values_are_accepted(cnn):
+    for bad, what in ((torch.full((1, 3, 1, 1), float("nan")), "with NaN or Inf"), (torch.zeros(3, 1, 1, dtype=torch.long), "torch.int64")):
+        with pytest.raises(ValueError, match=rf"baseline: a tensor baseline must hold finite floats \(got .*{what}"):
+            nbx.attribute(cnn, X, "integrated_gradients", steps=2, baseline=bad)
+    ref = nbx.attribute(cnn, X, "integrated_gradients", steps=4, baseline=torch.full((3, 1, 1), 0.5)).raw
+    got = nbx.attribute(cnn, X, "integrated_gradients", steps=np.int64(4), baseline=np.full((3, 1, 1), 0.5, np.float32)).raw
+    torch.testing.assert_close(got, ref)
+
+
 def test_occlusion_stride_larger_than_patch(cnn):
     with pytest.raises(ValueError, match=r"occlusion: stride=16 > patch=8"):
         nbx.attribute(cnn, X, "occlusion", patch=8, stride=16)
@@ -289,7 +341,7 @@ def _gradient_rgb(h=48, w=80):
     return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) % 256], -1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA", "F", "1"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA", "La", "F", "1"])
 def test_pil_modes_are_accepted(cnn, mode):
     rgb = Image.fromarray(_gradient_rgb())
     if mode == "I;16":

@@ -7,6 +7,7 @@ import types
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .._errors import unknown
@@ -28,12 +29,19 @@ class Param:
     tensor: bool = False                         # a tensor is also accepted (e.g. a custom IG baseline)
 
     def validate(self, method: str, value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, torch.Tensor):
-            if self.tensor:
-                return value                     # shape is checked where it is used (make_baseline)
-            raise TypeError(f"{method}: {self.name}: a tensor is not accepted here")
+            if not self.tensor:
+                raise TypeError(f"{method}: {self.name}: a tensor is not accepted here")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{method}: {self.name}: a tensor {self.name} must hold finite floats "
+                                 f"(got {value.dtype}{' with NaN or Inf' if value.is_floating_point() else ''})")
+            return value                         # shape is checked where it is used (make_baseline)
+        if isinstance(value, np.generic):        # numpy scalars: np.int64(32) is 32
+            value = value.item()
         where = f"{method}: {self.name}={value!r}"
-        if value in self.special and not isinstance(value, bool):
+        if isinstance(value, str) and value in self.special:
             return value
         if self.type == "choice":
             if value not in self.choices:
