@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import platform
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
@@ -167,14 +168,17 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> 
         m, scale = normalise(m)
         t = int(run.targets[i])
         label = info.labels[t] if info.labels else None
+        tensors = {key: own_rows(v, i, len(run.targets)) for key, v in run.params.items()
+                   if isinstance(v, torch.Tensor)}
         meta = dict(common, target=t, label=label, signed=signed, display_reduce=reduce_,
                     crop_box=list(prepared.boxes[i]) if prepared.boxes and prepared.boxes[i] else None,
                     **run.meta, **{key: v[i] for key, v in run.per_image.items()})
+        meta["params"] = {**meta["params"], **{key: tensor_note(v) for key, v in tensors.items()}}
         image = original if original is not None else _pixels(prepared.x[i], info.preprocess)
         out.append(Attribution(m, raw, t, label,
                                [(int(j), info.labels[j] if info.labels else None, float(p))
                                 for p, j in zip(top_p[i], top_i[i])], meta, image, scale,
-                               prepared.x[i:i + 1].detach().cpu()))
+                               prepared.x[i:i + 1].detach().cpu(), tensors))
     return out
 
 
@@ -185,10 +189,22 @@ def _pixels(x: torch.Tensor, preprocess: Preprocess | None) -> np.ndarray | None
     return (px.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 
+def own_rows(t: torch.Tensor, i: int, n: int) -> torch.Tensor:
+    """Image ``i``'s part of a tensor parameter: its row when the tensor holds one per image."""
+    t = t.detach().float().cpu()
+    return t[i:i + 1].clone() if n > 1 and t.ndim == 4 and t.shape[0] == n else t.clone()
+
+
+def tensor_note(t: torch.Tensor) -> dict:
+    """A tensor parameter in the provenance: its shape and the sha256 of its float32 values."""
+    data = t.detach().float().cpu().contiguous().numpy().tobytes()
+    return {"tensor": list(t.shape), "sha256": hashlib.sha256(data).hexdigest()}
+
+
 def provenance(run: Run, info: ModelInfo, model: nn.Module) -> dict:
     import timm
     from . import __version__
-    params = {k: (v if not isinstance(v, torch.Tensor) else f"tensor{tuple(v.shape)}") for k, v in run.params.items()}
+    params = {k: v for k, v in run.params.items() if not isinstance(v, torch.Tensor)}   # tensors: per image
     return {"method": run.spec.name, "params": params, "model": info.name, "model_class": type(model).__name__,
             "model_source": info.source, "weights_sha256": weights_digest(model),
             "preprocess": info.preprocess.as_dict() if info.preprocess else None,

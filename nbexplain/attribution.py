@@ -28,6 +28,7 @@ class Attribution:
     image: np.ndarray | None = field(default=None, repr=False)   # the pixels the map lies over (uint8 HWC)
     scale: float = 1.0                                            # map = unscaled / scale
     input: torch.Tensor | None = field(default=None, repr=False)  # the (1,C,H,W) model input, on CPU
+    tensors: dict = field(default_factory=dict, repr=False)      # tensor parameters (a custom IG baseline)
 
     @property
     def method(self) -> str:

@@ -48,14 +48,24 @@ def to_json(exp: Attribution, include_input: bool = True) -> str:
     """Provenance plus the input (original pixels as PNG) so that nbx.replay can recompute the map."""
     doc = provenance(exp)
     doc["map_shape"] = list(exp.map.shape)
+    if exp.tensors:                       # a custom baseline: replay needs its values, not only its hash
+        doc["tensors"] = {k: _npy(t) for k, t in exp.tensors.items()}
     if include_input:
         if exp.meta.get("crop_box") is not None and exp.image is not None:
             doc["input"] = {"kind": "image/png", "data": base64.b64encode(_encode_png(exp.image)).decode()}
         elif exp.input is not None:
-            buf = io.BytesIO()
-            np.save(buf, exp.input.numpy())
-            doc["input"] = {"kind": "tensor/npy", "data": base64.b64encode(buf.getvalue()).decode()}
+            doc["input"] = _npy(exp.input)
     return json.dumps(doc)
+
+
+def _npy(t: torch.Tensor) -> dict:
+    buf = io.BytesIO()
+    np.save(buf, t.numpy())
+    return {"kind": "tensor/npy", "data": base64.b64encode(buf.getvalue()).decode()}
+
+
+def _from_npy(entry: dict) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(base64.b64decode(entry["data"]))))
 
 
 def save(exp: Attribution, path: str | os.PathLike, **view: Any) -> str:
@@ -106,27 +116,48 @@ text-align:left;vertical-align:top}}code{{white-space:pre-wrap;word-break:break-
 <h2>Provenance</h2><table>{rows}</table></body></html>"""
 
 
-def replay(doc: str | dict, model: torch.nn.Module, image: Any = None) -> Attribution:
-    """Recompute an exported attribution from its JSON (and the model); raises if the weights differ."""
-    from .api import attribute
+def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors: torch.Tensor) -> Attribution:
+    """Recompute an exported attribution from its JSON (and the model); raises if the weights differ.
+
+    A tensor parameter (a custom IG baseline) travels in a JSON export; from a PNG's or an npz's provenance,
+    which keep only its hash, pass it again (``baseline=...``): it is checked against that hash."""
+    from .api import attribute, tensor_note
     from .models import weights_digest
-    d = json.loads(doc) if isinstance(doc, str) else doc
-    if d.get("format") != FORMAT:
-        raise ValueError(f"replay: not an nbexplain export (format {d.get('format')!r}, expected {FORMAT!r})")
+    d = json.loads(doc) if isinstance(doc, (str, bytes)) else doc
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        got = d.get("format") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"replay: not an nbexplain export (format {got!r}, expected {FORMAT!r})")
+    missing = [k for k in ("weights_sha256", "method", "params", "target") if k not in d]
+    if missing:
+        raise ValueError(f"replay: the export lacks {', '.join(missing)}; pass a file written by nbx.save or to_json")
     if weights_digest(model) != d["weights_sha256"]:
         raise ValueError("replay: the model's weights differ from the exported ones (sha256 mismatch); "
                          "pass the model the attribution was computed with")
     if image is None:
         if "input" not in d:
             raise ValueError("replay: the export carries no input; pass image=...")
-        raw = base64.b64decode(d["input"]["data"])
-        image = torch.from_numpy(np.load(io.BytesIO(raw))) if d["input"]["kind"] == "tensor/npy" else \
-            Image.open(io.BytesIO(raw)).convert("RGB")
+        image = _from_npy(d["input"]) if d["input"]["kind"] == "tensor/npy" else \
+            Image.open(io.BytesIO(base64.b64decode(d["input"]["data"]))).convert("RGB")
     from .images import Preprocess
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["preprocess"].items()}) \
         if d.get("preprocess") else None
     params = dict(d["params"])
+    for name, note in params.items():
+        if isinstance(note, dict) and "tensor" in note:
+            params[name] = _tensor_param(name, note, tensors.get(name), d.get("tensors", {}).get(name), tensor_note)
     layer = d.get("layer") if d.get("layer") and not str(d.get("layer")).startswith("block ") else None
     result = attribute(model, image, d["method"], target=d["target"], preprocess=pre,
                        **({"layer": layer} if layer else {}), **params)
     return result[0] if isinstance(result, list) else result
+
+
+def _tensor_param(name: str, note: dict, given, stored, tensor_note) -> torch.Tensor:
+    """The tensor parameter ``name`` for a replay: the one passed, else the export's own; either must match
+    the hash the provenance recorded."""
+    if given is None and stored is None:
+        raise ValueError(f"replay: {name} was a tensor {tuple(note['tensor'])} that this export does not carry "
+                         f"(only its hash); pass it again: replay(..., {name}=<the tensor>)")
+    t = torch.as_tensor(given) if given is not None else _from_npy(stored)
+    if tensor_note(t)["sha256"] != note["sha256"]:
+        raise ValueError(f"replay: {name} differs from the tensor the attribution was computed with (sha256 mismatch)")
+    return t

@@ -264,7 +264,14 @@ def _on_image(grid: tuple[int, int], input_hw: tuple[int, int]) -> bool:
     """A feature map of the image keeps its aspect ratio (up to rounding); a 4-d tensor that is something
     else, e.g. CoaT's per-head position terms (N, heads, tokens, channels), does not."""
     (h, w), (height, width) = grid, input_hw
-    return h <= height and w <= width and abs(w - width * h / height) <= 1 + 0.1 * w
+    if h > height or w > width:
+        return False
+    if abs(w - width * h / height) <= 1 + 0.1 * w:
+        return True
+    # a side of a few cells is mostly rounding (a 7x500 input is 2x125 at stride 4): one stride must give
+    # both sides, each within one cell
+    most = lambda side, cells: side / (cells - 1) if cells > 1 else float("inf")   # noqa: E731 - ceil-rounded
+    return max(height / (h + 1), width / (w + 1)) <= min(most(height, h), most(width, w))
 
 
 def candidates(model: nn.Module, input_shape: tuple[int, ...], all_layers: bool = False) -> list[Layer]:

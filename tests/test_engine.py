@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -492,9 +493,33 @@ def test_meta_records_what_was_run(cnn):
     meta = out.meta
     assert meta["method"] == "integrated_gradients" and meta["model"] == "test_resnet"
     assert meta["params"]["steps"] == 4 and meta["params"]["rule"] == "riemann_left"
-    assert meta["params"]["baseline"] == "tensor(3, 64, 64)"
+    assert meta["params"]["baseline"]["tensor"] == [3, 64, 64] and len(meta["params"]["baseline"]["sha256"]) == 64
     assert len(meta["weights_sha256"]) == 64 and meta["target"] == 2
     assert meta["preprocess"]["size"] == [160, 160]
+
+
+def test_a_custom_baseline_travels_with_the_export_and_replays(cnn, tmp_path):
+    """A tensor baseline is part of what was computed: the JSON export carries it, a PNG's provenance its
+    hash (replay then asks for it), and a different tensor is refused."""
+    x = make_input(2, 64)
+    base = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))   # one baseline per image
+    outs = nbx.attribute(cnn, x, "integrated_gradients", steps=4, baseline=base, target=2)
+    for i, out in enumerate(outs):
+        again = nbx.replay(out.to_json(), cnn)
+        np.testing.assert_allclose(again.map, out.map, atol=1e-6)
+        alone = nbx.attribute(cnn, x[i], "integrated_gradients", steps=4, baseline=base[i], target=2)
+        np.testing.assert_allclose(alone.map, out.map, atol=1e-6)
+    outs[0].save(tmp_path / "a.png")
+    doc = json.loads(Image.open(tmp_path / "a.png").text["nbexplain"])
+    doc["input"] = json.loads(outs[0].to_json())["input"]
+    with pytest.raises(ValueError, match=r"replay: baseline was a tensor \(1, 3, 64, 64\).*pass it again"):
+        nbx.replay(doc, cnn)
+    np.testing.assert_allclose(nbx.replay(doc, cnn, baseline=base[:1]).map, outs[0].map, atol=1e-6)
+    with pytest.raises(ValueError, match=r"replay: baseline differs .*sha256 mismatch"):
+        nbx.replay(doc, cnn, baseline=base[1:])
+    for bad, what in ((None, "'NoneType'"), ({"format": "nbexplain/attribution@1"}, "lacks weights_sha256")):
+        with pytest.raises(ValueError, match=rf"replay: .*{what}"):
+            nbx.replay(bad, cnn)
 
 
 # ------------------------------------------------------------------------------------- precision
@@ -543,6 +568,15 @@ def test_a_4d_output_that_is_not_an_image_map_is_no_cam_layer():
     model = CoaTLike().eval()
     assert [layer["name"] for layer in nbx.layers(model, torch.zeros(1, 3, 64, 64), all=True)] == ["stem"]
     assert nbx.attribute(model, torch.randn(3, 64, 64), "gradcam").meta["layer"] == "stem"
+
+
+def test_a_strip_shaped_input_keeps_its_cam_layers(cnn):
+    """At 7x500 a stride-4 map is 2x125: the short side is all rounding, yet it is the image's map."""
+    for shape in ((3, 7, 500), (3, 500, 7)):
+        grids = {d["name"]: tuple(d["grid"]) for d in nbx.layers(cnn, torch.zeros(shape))}
+        assert "layer4" in grids and min(grids["layer4"]) == 1, grids
+        out = nbx.attribute(cnn, torch.randn(shape), "gradcam", layer="layer2")
+        assert out.map.shape == shape[1:] and np.isfinite(out.map).all()
 
 
 def test_named_blocks_in_a_features_sequence_are_cam_candidates():
