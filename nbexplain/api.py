@@ -38,6 +38,8 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     Returns one Attribution for one image, a list for a list or an (N,C,H,W) tensor.
     """
     spec = get_method(method)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress: expected a function of the fraction done (0..1), got {type(progress).__name__}")
     model = eager(model)
     layer = layer_name(model, layer)
     info = describe(model, preprocess, labels)
@@ -74,6 +76,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             keep_intermediates: bool = False) -> Run:
     """Run one method on a preprocessed batch, with the model borrowed (restored on exit)."""
     device = model_device(model)
+    if device.type == "meta":
+        raise ValueError("model: its weights are on the meta device (created without data); materialise them "
+                         "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(...)")
     if spec.vit_only and not any(n.endswith("attn_drop") for n, _ in model.named_modules()):
         raise ValueError(f"method {spec.name!r} needs a Vision Transformer: it reads timm-style attention "
                          f"modules (an 'attn_drop' after the softmax), and {type(model).__name__} has none. Use "
@@ -88,7 +93,7 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             x = x.clone()                          # an inference tensor cannot enter autograd
 
         def choose(seen: torch.Tensor) -> torch.Tensor:
-            if seen.ndim != 2 or seen.shape[0] != x.shape[0]:
+            if seen.ndim != 2 or seen.shape[0] != x.shape[0] or seen.shape[1] == 0:
                 raise ValueError(f"model: expected class scores of shape (N, classes), got {tuple(seen.shape)}; "
                                  "wrap the model so it returns logits")
             if info.labels is not None and len(info.labels) != seen.shape[1]:
@@ -125,8 +130,8 @@ def resolve_targets(target: Any, logits: torch.Tensor, labels: Sequence[str] | N
     n, classes = logits.shape
     if target is None:
         return logits.argmax(1)
-    if isinstance(target, torch.Tensor):
-        target = target.tolist()
+    if isinstance(target, (torch.Tensor, np.ndarray)):
+        target = target.tolist()                 # a 0-d one becomes a plain number
     if isinstance(target, (list, tuple, np.ndarray)):
         if len(target) != n:
             raise ValueError(f"target: got {len(target)} targets for {n} images; pass one per image or one for all")

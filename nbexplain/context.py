@@ -69,6 +69,10 @@ class Context:
             self.logits = logits.detach()
         if self._targets is None:
             self._targets = self.choose(self.logits).to(self.x.device)
+            scores = self.logits.gather(1, self._targets[:, None])
+            if torch.isnan(self.logits).any() or not torch.isfinite(scores).all():
+                raise ValueError("model: its scores at this input are NaN or infinite, so every map would be too; "
+                                 "check the weights (a diverged training run?) and the input's preprocessing")
         return self._targets
 
     # --- basic passes ------------------------------------------------------------------------------

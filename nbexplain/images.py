@@ -185,7 +185,7 @@ def prepare(images: Any, preprocess: Preprocess | None) -> Prepared:
     if len(items) == 0:
         raise ValueError("images: the list is empty")
     if any(isinstance(i, torch.Tensor) for i in items):
-        return _prepare_tensor(torch.stack([torch.as_tensor(i) for i in items]), preprocess)
+        return _prepare_tensor(_stack_tensors(items), preprocess)
     if preprocess is None:
         raise ValueError("preprocess: this model carries no preprocessing config; pass "
                          "preprocess=nbx.Preprocess(size=224, mean=..., std=...), or pass an already "
@@ -194,6 +194,20 @@ def prepare(images: Any, preprocess: Preprocess | None) -> Prepared:
     pairs = [preprocess(p) for p in pils]
     x = torch.stack([t for t, _ in pairs])
     return Prepared(x, [np.asarray(p) for p in pils], [b for _, b in pairs])
+
+
+def _stack_tensors(items: Sequence) -> torch.Tensor:
+    """A list of preprocessed (C,H,W) tensors as one batch: a tensor is already model input, pictures are
+    not, so the two kinds cannot share a batch."""
+    others = [type(i).__name__ for i in items if not isinstance(i, torch.Tensor)]
+    if others:
+        raise TypeError(f"images: the list mixes tensors (preprocessed model input) with {others[0]} (a picture); "
+                        "pass all pictures (paths, PIL images, HWC arrays) or all tensors")
+    shapes = {tuple(i.shape) for i in items}
+    if len(shapes) > 1:
+        raise ValueError(f"images: tensors of different shapes {sorted(shapes)} cannot form one batch; resize "
+                         "them to one size, or pass the pictures themselves to have them resized")
+    return torch.stack(list(items))
 
 
 def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:

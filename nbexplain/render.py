@@ -46,6 +46,10 @@ def prepare(values: np.ndarray, sign: str, clip: float) -> np.ndarray:
 def overlay(image: np.ndarray, values: np.ndarray, *, opacity: float = 0.5, colormap: str = "auto",
             sign: str = "auto", clip: float = 99.0, signed_method: bool = True) -> np.ndarray:
     """(H,W,3) uint8 image + (H,W) map -> blended (H,W,3) uint8."""
+    if not 0.0 <= opacity <= 1.0:                     # also refuses NaN
+        raise ValueError(f"opacity={opacity!r}: must be within [0, 1] (0 shows the image only)")
+    if not 0.0 <= clip <= 100.0:
+        raise ValueError(f"clip={clip!r}: a percentile within [0, 100] (100: no clipping)")
     sign, colormap = resolve(sign, colormap, signed_method)
     t = prepare(values, sign, clip)
     none = np.isnan(t)                                  # pixels without attribution are left as they are

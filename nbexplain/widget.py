@@ -87,11 +87,11 @@ class ExplorerView(anywidget.AnyWidget):
     model_version = t.Int(0).tag(sync=True)
     locals().update(PARAMS)          # one trait per method parameter, generated from the registry
     # the view (browser only: no kernel work)
-    opacity = t.Float(0.5).tag(sync=True)
+    opacity = t.Float(0.5, min=0.0, max=1.0).tag(sync=True)
     colormap = t.Unicode("auto").tag(sync=True)
     sign = t.Unicode("auto").tag(sync=True)
-    clip = t.Float(99.0).tag(sync=True)
-    zoom = t.Int(1).tag(sync=True)
+    clip = t.Float(99.0, min=0.0, max=100.0).tag(sync=True)
+    zoom = t.Int(1, min=1, max=8).tag(sync=True)
     # status, read-only for users
     status = t.Unicode("idle").tag(sync=True)
     progress = t.Float(0.0).tag(sync=True)

@@ -570,6 +570,18 @@ def test_a_4d_output_that_is_not_an_image_map_is_no_cam_layer():
     assert nbx.attribute(model, torch.randn(3, 64, 64), "gradcam").meta["layer"] == "stem"
 
 
+def test_a_cam_at_a_layer_the_score_does_not_read_says_so(recwarn):
+    """Under class-token pooling a ViT's last block output reaches the head only through the class token:
+    every patch position has zero gradient, and an empty map must not pass silently."""
+    vit, x = make_model("vit"), make_input(1)[0]
+    last = f"blocks.{len(vit.blocks) - 1}"
+    with pytest.warns(UserWarning, match=rf"gradcam: the target's gradient is zero at every position of layer '{last}'"):
+        out = nbx.attribute(vit, x, "gradcam", layer=last)
+    assert out.map.max() == 0 and "norm1" in out.meta["warnings"][0]
+    recwarn.clear()
+    assert nbx.attribute(vit, x, "gradcam").map.max() > 0 and not recwarn.list
+
+
 def test_a_strip_shaped_input_keeps_its_cam_layers(cnn):
     """At 7x500 a stride-4 map is 2x125: the short side is all rounding, yet it is the image's map."""
     for shape in ((3, 7, 500), (3, 500, 7)):

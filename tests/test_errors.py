@@ -251,6 +251,57 @@ def test_empty_inputs(cnn):
         nbx.attribute(cnn, Image.fromarray(nan, "F"), "saliency")
 
 
+class Scaled(nn.Module):
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x):
+        return self.model(x) * self.factor
+
+
+def test_numpy_targets_zero_class_outputs_and_a_progress_that_is_no_function(cnn):
+    assert nbx.attribute(cnn, X, "saliency", target=np.array(3)).target == 3
+    assert nbx.attribute(cnn, X, "saliency", target=torch.tensor(4)).target == 4
+    with pytest.raises(ValueError, match=r"model: expected class scores of shape \(N, classes\), got \(1, 0\)"):
+        nbx.attribute(Sliced(cnn).eval(), X, "saliency")
+    with pytest.raises(TypeError, match="progress: expected a function"):
+        nbx.attribute(cnn, X, "saliency", progress=3)
+
+
+class Sliced(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)[:, :0]
+
+
+def test_nan_scores_are_refused_instead_of_an_all_nan_map(cnn):
+    for method, kw in (("saliency", {}), ("gradcam", {}), ("occlusion", {"patch": 32, "stride": 32})):
+        with pytest.raises(ValueError, match=r"model: its scores at this input are NaN or infinite"):
+            nbx.attribute(Scaled(cnn, float("nan")).eval(), X, method, **kw)
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_fix():
+    with torch.device("meta"):
+        model = make_model("test_resnet")
+    with pytest.raises(ValueError, match=r"model: its weights are on the meta device.*to_empty"):
+        nbx.attribute(model, X, "saliency")
+
+
+def test_a_list_of_tensors_is_one_batch_of_model_input(cnn):
+    with pytest.raises(TypeError, match=r"images: the list mixes tensors .* with ndarray .*all pictures .* or all tensors"):
+        nbx.attribute(cnn, [X, np.zeros((64, 64, 3), np.uint8)], "saliency")
+    with pytest.raises(TypeError, match=r"images: the list mixes tensors .* with Image"):
+        nbx.attribute(cnn, [X, Image.new("RGB", (8, 8))], "saliency")
+    with pytest.raises(ValueError, match=r"images: tensors of different shapes \[\(3, 32, 64\), \(3, 64, 64\)\]"):
+        nbx.attribute(cnn, [X, X[:, :32]], "saliency")
+    both = nbx.attribute(cnn, [X, X.flip(2)], "saliency")
+    assert len(both) == 2 and torch.allclose(both[0].raw, nbx.attribute(cnn, X, "saliency").raw, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input(cnn, bad):
     x = X.clone()

@@ -168,6 +168,24 @@ def test_errors_reach_the_widget_and_the_caller(cnn, images):
     w.close()
 
 
+def test_out_of_range_controls_are_refused_by_name(cnn, images):
+    import traitlets
+    w = nbx.explain(cnn, images)
+    w.wait()
+    w.target = 5000
+    with pytest.raises(ValueError, match=r"target=5000 is out of range: the model has \d+ classes"):
+        w.wait()
+    w.target = -1
+    w.wait()
+    for name, value in (("opacity", 2.0), ("opacity", -0.1), ("clip", 101.0), ("zoom", 0)):
+        with pytest.raises(traitlets.TraitError, match=name):
+            setattr(w, name, value)
+    for bad in (dict(opacity=2.0), dict(opacity=float("nan")), dict(clip=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            w.result.save(f"/tmp/nbx-never-{next(iter(bad))}.png", **bad)
+    w.close()
+
+
 def test_unknown_control_is_rejected(cnn, images):
     with pytest.raises(TypeError, match="unexpected keyword 'stpes'"):
         nbx.explain(cnn, images, stpes=3)

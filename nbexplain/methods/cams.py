@@ -1,6 +1,7 @@
 """The CAM family: each method weighs a layer's activations A (N,C,h,w), mostly by their gradients G."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -18,11 +19,23 @@ def cam(name: str, summary: str, reference: str, gradients: bool = True):
     def deco(weigh: Callable) -> Callable:
         def run(ctx: Context) -> torch.Tensor:
             acts, grads, _ = ctx.capture(ctx.layer(), gradients=gradients)
+            if gradients and not bool(grads.any()):
+                _no_gradient_here(ctx, name)
             return F.relu(weigh(acts, grads, ctx))
         CAMS[name] = weigh
         register(name, kind="cam", signed=False, needs_layer=True, summary=summary, reference=reference)(run)
         return weigh
     return deco
+
+
+def _no_gradient_here(ctx: Context, name: str) -> None:
+    """A layer whose output the score does not depend on (a ViT's last block under class-token pooling:
+    only the class token is read, and it is not on the patch grid) gives an all-zero map: say so."""
+    msg = (f"{name}: the target's gradient is zero at every position of layer {ctx.meta['layer']!r}, so the map "
+           "is empty; the score does not read this layer's positions directly (a ViT's last block when the "
+           "head reads only the class token): pick an earlier layer, e.g. that block's norm1")
+    warnings.warn(msg, stacklevel=4)
+    ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
 
 
 def _weighted(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
