@@ -131,3 +131,106 @@ def test_exports_png_npz_html_carry_provenance_and_escape_labels(cnn, batch, tmp
     assert "http" not in page.replace("http-equiv", "")                  # self-contained, renders offline
     with pytest.raises(ValueError, match=r"\.png"):
         e.save(tmp_path / "x.gif")
+
+
+# --- hostile input: every check refuses bad arguments up front and leaves the model as it was ---------
+@pytest.fixture(scope="module")
+def mixed():
+    """A model in a state a restore bug would disturb: training mode with one frozen parameter."""
+    model = nbx.load_model("synthetic-cnn").train()
+    model.fc.bias.requires_grad_(False)
+    return model
+
+
+def _rejected(model, fn, error, pattern):
+    """``fn()`` raises ``error`` matching ``pattern``, and another cell sees the model unchanged."""
+    from conftest import assert_same_view, user_view
+    before = user_view(model)
+    with pytest.raises(error, match=pattern):
+        fn()
+    assert_same_view(user_view(model), before)
+
+
+@pytest.mark.filterwarnings("ignore:methods disagree")
+def test_randomization_and_agreement_take_one_image_and_say_how_to_run_several(mixed, batch):
+    two = [batch["images"][0], batch["images"][1]]
+    for images in (two, torch.randn(2, 3, 64, 64)):
+        _rejected(mixed, lambda: trust.randomization_test(mixed, images, ["saliency"], groups=["fc"]),
+                  ValueError, r"image: randomization_test takes one image, got 2; call it once per image in a loop")
+        _rejected(mixed, lambda: trust.agreement(mixed, images, ["saliency", "gradcam"]),
+                  ValueError, r"image: agreement takes one image, got 2; call it once per image in a loop")
+    _rejected(mixed, lambda: trust.agreement(mixed, [], ["saliency", "gradcam"]), ValueError, r"image: .*empty")
+    one = nbx.attribute(mixed, batch["images"][0], "saliency").input     # a (1,C,H,W) batch of one is one image
+    assert trust.agreement(mixed, one, ["saliency", "gradcam"]).matrix.shape == (2, 2)
+    assert trust.randomization_test(mixed, [batch["images"][0]], ["saliency"], groups=["fc"]).steps == ["fc"]
+
+
+def test_method_lists_are_checked_before_any_map_is_computed(mixed, batch, monkeypatch):
+    import sys
+
+    def computed(*args, **kwargs):
+        raise AssertionError("a map was computed before the method list was checked")
+    for module in ("nbexplain.trust.agreement", "nbexplain.trust.randomization"):
+        monkeypatch.setattr(sys.modules[module], "attribute", computed)
+    img = batch["images"][0]
+    _rejected(mixed, lambda: trust.randomization_test(mixed, img, [], groups=["fc"]),
+              ValueError, r"methods: the list is empty; name at least one method, e\.g\. \['saliency'\]")
+    _rejected(mixed, lambda: trust.agreement(mixed, img, []),
+              ValueError, r"methods: agreement compares at least two methods, got 0; .*\['gradcam', 'saliency'\]")
+    _rejected(mixed, lambda: trust.agreement(mixed, img, ["saliency"]),
+              ValueError, r"methods: agreement compares at least two methods, got 1")
+    for check in (trust.agreement, trust.randomization_test):
+        _rejected(mixed, lambda: check(mixed, img, "saliency"),
+                  TypeError, r"methods: expected a list of method names, got the string 'saliency'; "
+                             r"wrap it: \['saliency'\]")
+        _rejected(mixed, lambda: check(mixed, img, ["saliency", "saliency"]),
+                  ValueError, r"methods: 'saliency' is listed twice; list each method once")
+        _rejected(mixed, lambda: check(mixed, img, ["saliency", "gradcma"]), ValueError, r"Did you mean: 'gradcam'")
+
+
+def test_randomization_refuses_groups_without_parameters_and_lists_those_with(mixed, batch):
+    img = batch["images"][0]
+    _rejected(mixed, lambda: trust.randomization_test(mixed, img, ["saliency"], groups=["act1"]),
+              ValueError, r"groups: 'act1' has no parameters, so randomising it changes nothing; "
+                          r"use groups with parameters: .*'fc'")
+    _rejected(mixed, lambda: trust.randomization_test(mixed, img, ["saliency"], groups=["fcc"]),
+              ValueError, r"groups: unknown module 'fcc'\. Did you mean: 'fc'.*trust\.layer_groups\(model\)")
+    _rejected(mixed, lambda: trust.randomization_test(mixed, img, ["saliency"], groups="fc"),
+              TypeError, r"groups: expected a list of module names, got the string 'fc'; wrap it: \['fc'\]")
+
+
+def test_deletion_insertion_checks_its_arguments_up_front(mixed, batch):
+    e = nbx.attribute(mixed, batch["images"][0], "saliency", target=3)
+    for kw, error, pattern in [
+            ({"steps": -1}, ValueError, r"steps=-1: expected a positive integer"),
+            ({"steps": 0}, ValueError, r"steps=0: expected a positive integer"),
+            ({"steps": 2.5}, TypeError, r"steps=2\.5: expected a positive integer"),
+            ({"steps": True}, TypeError, r"steps=True: expected a positive integer"),
+            ({"batch_size": 0}, ValueError, r"batch_size=0: expected a positive integer"),
+            ({"batch_size": 1.5}, TypeError, r"batch_size=1\.5: expected a positive integer"),
+            ({"saliency": np.full((64, 64), np.nan)}, ValueError, r"saliency: the map contains NaN or infinite"),
+            ({"saliency": np.zeros((50, 60))}, ValueError, r"saliency: expected a map of shape \(64, 64\) .*"
+                                                           r"model-input grid")]:
+        _rejected(mixed, lambda: trust.deletion_insertion(mixed, e, **kw), error, pattern)
+    _rejected(mixed, lambda: trust.deletion_insertion(mixed, e.map), TypeError,
+              r"exp: expected an Attribution from nbx\.attribute, got ndarray")
+    _rejected(mixed, lambda: trust.deletion_insertion(mixed, [e, e]), TypeError,
+              r"exp: expected an Attribution .*got list; .*nbx\.explain_batch\(model, images, faithfulness=True\)")
+    two_classes = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)).train()
+    _rejected(two_classes, lambda: trust.deletion_insertion(two_classes, e), ValueError,
+              r"exp: its target 3 is out of range for this model's 2 classes; .*the model it was computed on")
+    steps1 = trust.deletion_insertion(mixed, e, steps=1, batch_size=1)    # the smallest valid call still runs
+    assert steps1.deletion.shape == (2,) and steps1.insertion.shape == (2,)
+
+
+def test_shortcut_flags_refuse_mismatched_or_empty_input():
+    a, b = np.zeros((8, 8)), np.ones((8, 8))
+    with pytest.raises(ValueError, match=r"masks: got 1 masks for 2 maps; pass one mask per map"):
+        trust.flag_outside([a, b], [b.astype(bool)])
+    with pytest.raises(ValueError, match=r"maps: the list is empty; pass the maps of several images"):
+        trust.fixed_hotspots([])
+    with pytest.raises(ValueError, match=r"maps: shapes differ \(\(8, 8\), \(4, 4\)\); peaks are compared "
+                                         r"in pixels, so resample the maps to one shape first"):
+        trust.fixed_hotspots([a, np.zeros((4, 4)), b])
+    with pytest.raises(ValueError, match=r"maps: expected 2-D \(H, W\) maps, got shape \(8, 8, 3\)"):
+        trust.fixed_hotspots([np.zeros((8, 8, 3))] * 2)

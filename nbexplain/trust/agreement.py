@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from ..api import attribute
+from ..methods import get as get_method
 from .similarity import spearman
 
 DISAGREE_BELOW = 0.3
@@ -40,7 +42,12 @@ class Agreement:
 
 def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion", "integrated_gradients"), *,
               target: Any = None, params: dict[str, dict] | None = None) -> Agreement:
-    """Explain the same image and target with several methods and correlate their maps."""
+    """Explain one image and target with two or more methods and correlate their maps."""
+    image = one_image(image, "agreement")
+    methods = method_names(methods)
+    if len(methods) < 2:
+        raise ValueError(f"methods: agreement compares at least two methods, got {len(methods)}; "
+                         "name two or more, e.g. ['gradcam', 'saliency']")
     params = params or {}
     exps = []
     for m in methods:
@@ -56,3 +63,31 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
         warnings.warn(f"methods disagree: mean rank correlation {result.mean_offdiagonal:.2f} < {DISAGREE_BELOW} "
                       f"for {', '.join(methods)}; no single map should be trusted here", stacklevel=2)
     return result
+
+
+def one_image(image: Any, check: str) -> Any:
+    """The image itself: these checks explain one image and target (a list or tensor batch of one is
+    unwrapped); several would make ``attribute`` return a list, and each needs its own run."""
+    if not (isinstance(image, (list, tuple)) or (isinstance(image, torch.Tensor) and image.ndim == 4)):
+        return image
+    if len(image) == 0:
+        raise ValueError(f"image: the {type(image).__name__} is empty; pass one image")
+    if len(image) > 1:
+        raise ValueError(f"image: {check} takes one image, got {len(image)}; call it once per image in a loop")
+    return image[0]
+
+
+def method_names(methods: Any) -> list[str]:
+    """``methods`` as a list of registered names, checked before any map is computed (a bad name
+    would otherwise surface after the first, possibly slow, method has run)."""
+    if isinstance(methods, str):
+        # a bare string would be iterated letter by letter
+        raise TypeError(f"methods: expected a list of method names, got the string {methods!r}; wrap it: [{methods!r}]")
+    methods = list(methods)
+    for m in methods:
+        get_method(m)
+    twice = next((m for i, m in enumerate(methods) if m in methods[:i]), None)
+    if twice is not None:
+        # results are keyed by method name: a repeat would overwrite or double its scores
+        raise ValueError(f"methods: {twice!r} is listed twice; list each method once")
+    return methods

@@ -48,17 +48,41 @@ def deletion_insertion(model, exp: Attribution, *, saliency: np.ndarray | torch.
     ``fill``: 'blur' (a heavy Gaussian blur of the image, σ = 1/16 of its size) or 'mean' (its mean
     colour). ``saliency`` overrides the ranking (e.g. a random map as a control).
     """
+    if not isinstance(exp, Attribution):
+        raise TypeError(f"exp: expected an Attribution from nbx.attribute, got {type(exp).__name__}; "
+                        "pass one attribution, or use nbx.explain_batch(model, images, faithfulness=True) for many")
+    _positive_int("steps", steps, "how many steps from 0 to 100 % of the pixels, e.g. 20")
+    _positive_int("batch_size", batch_size, "images per forward pass, e.g. 32")
     if fill not in ("blur", "mean"):
         raise ValueError("fill: use 'blur' or 'mean'")
     if exp.input is None:
         raise ValueError("deletion_insertion: the attribution carries no model input")
     x = exp.input
-    rank_map = torch.as_tensor(saliency).float() if saliency is not None else input_map(exp)
-    if rank_map.shape != x.shape[2:]:
-        raise ValueError(f"saliency: expected a map of shape {tuple(x.shape[2:])}, got {tuple(rank_map.shape)}")
+    rank_map = _saliency(saliency, tuple(x.shape[2:])) if saliency is not None else input_map(exp)
     fractions = np.linspace(0, 1, steps + 1)
     probs = _probabilities(model, perturbed(x, rank_map, fractions, fill), exp.target, batch_size)
     return Curves(fractions, probs[:steps + 1], probs[steps + 1:], fill)
+
+
+def _positive_int(name: str, value, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}={value!r}: expected a positive integer ({meaning})")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer ({meaning})")
+
+
+def _saliency(saliency, shape: tuple[int, ...]) -> torch.Tensor:
+    """A user's ranking map as a float tensor on the model-input grid, finite everywhere (NaN sorts
+    arbitrarily, so the curves would rank pixels by noise)."""
+    rank_map = torch.as_tensor(np.asarray(saliency, dtype=np.float32) if not isinstance(saliency, torch.Tensor)
+                               else saliency.detach().cpu()).float()
+    if tuple(rank_map.shape) != shape:
+        raise ValueError(f"saliency: expected a map of shape {shape} (the model-input grid, exp.input's H x W), "
+                         f"got {tuple(rank_map.shape)}; resize the map to that grid")
+    if not torch.isfinite(rank_map).all():
+        raise ValueError("saliency: the map contains NaN or infinite values; replace them "
+                         "(e.g. np.nan_to_num) so every pixel has a rank")
+    return rank_map
 
 
 def perturbed(x: torch.Tensor, rank_map: torch.Tensor, fractions: np.ndarray, fill: str) -> torch.Tensor:
@@ -80,7 +104,13 @@ def _probabilities(model, xs: torch.Tensor, target: int, batch_size: int) -> np.
     model, out = eager(model), []
     with borrowed(model), torch.no_grad():
         for i in range(0, len(xs), batch_size):
-            out.append(call(model, inputs_for(model, xs[i:i + batch_size])).float().softmax(1)[:, target].cpu())
+            scores = call(model, inputs_for(model, xs[i:i + batch_size])).float()
+            if not i and not 0 <= target < scores.shape[-1]:
+                # the first batch is the first to show the class count
+                raise ValueError(f"exp: its target {target} is out of range for this model's {scores.shape[-1]} "
+                                 "classes; was the attribution computed on another model? pass the model it was "
+                                 "computed on, or recompute it with nbx.attribute(model, ...)")
+            out.append(scores.softmax(1)[:, target].cpu())
     return torch.cat(out).numpy()
 
 

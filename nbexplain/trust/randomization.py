@@ -9,9 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._errors import closest
 from ..api import attribute
 from ..calls import eager
 from ..models import describe, register
+from .agreement import method_names, one_image
 from .similarity import compare
 
 THRESHOLD = 0.5          # a method passes when |map| rank correlation after full randomisation is below this
@@ -77,17 +79,15 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
     much each method's map changes. The user's model is never touched: every step uses a deep copy."""
     if mode not in ("cascading", "independent"):
         raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
+    image = one_image(image, "randomization_test")
+    methods = method_names(methods)
+    if not methods:
+        raise ValueError("methods: the list is empty; name at least one method, e.g. ['saliency']")
     params = params or {}
     model = eager(model)              # a torch.compile'd model: randomise (copies of) the module it wraps
     info = describe(model)
-    groups = list(groups if groups is not None else layer_groups(model))[::-1]   # top (logits) first
-    if not groups:
-        raise ValueError("groups: nothing to randomise; pass module names with parameters, e.g. "
-                         f"{layer_groups(model)[-3:]}")
+    groups = _check_groups(model, groups)[::-1]           # top (logits) first
     modules = dict(model.named_modules())
-    unknown = [g for g in groups if g not in modules]
-    if unknown:
-        raise ValueError(f"groups: unknown module {unknown[0]!r}")
     originals = {m: attribute(model, image, m, target=target, **params.get(m, {})) for m in methods}
     fixed_target = next(iter(originals.values())).target       # explain the original class throughout
     scores = {m: {k: [] for k in ("spearman", "spearman_abs", "ssim", "ssim_abs")} for m in methods}
@@ -110,6 +110,28 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
     final = (lambda v: v[-1]) if mode == "cascading" else min
     report.passed = {m: bool(final(scores[m]["spearman_abs"]) < THRESHOLD) for m in methods} if groups else {}
     return report
+
+
+def _check_groups(model: nn.Module, groups: Sequence[str] | None) -> list[str]:
+    """``groups`` (default: every layer group) as module names that each hold parameters."""
+    if groups is None:
+        groups = layer_groups(model)
+    elif isinstance(groups, str):
+        # a bare string would be iterated letter by letter
+        raise TypeError(f"groups: expected a list of module names, got the string {groups!r}; wrap it: [{groups!r}]")
+    groups, valid = list(groups), layer_groups(model)
+    if not groups:
+        raise ValueError(f"groups: nothing to randomise; pass module names with parameters, e.g. {valid[-3:]}")
+    modules = dict(model.named_modules())
+    for g in groups:
+        if g not in modules:
+            raise ValueError(f"groups: unknown module {g!r}.{closest(g, valid)} "
+                             "Groups with parameters are listed by trust.layer_groups(model)")
+        if not any(True for _ in modules[g].parameters()):
+            # randomising it would change nothing, and every method would then read as FAIL
+            raise ValueError(f"groups: {g!r} has no parameters, so randomising it changes nothing; "
+                             f"use groups with parameters: {', '.join(map(repr, valid))}")
+    return groups
 
 
 def _needs_layer(method: str) -> bool:

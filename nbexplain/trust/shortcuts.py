@@ -28,6 +28,10 @@ def outside_share(saliency: np.ndarray, mask: np.ndarray, top: float = TOP_SHARE
 
 def flag_outside(maps: list[np.ndarray], masks: list[np.ndarray], threshold: float = OUTSIDE_FLAG) -> np.ndarray:
     """Per image: does the strongest evidence sit mostly off the object?"""
+    maps, masks = list(maps), list(masks)
+    if len(maps) != len(masks):
+        # zip would drop the unmatched maps and return fewer flags than images
+        raise ValueError(f"masks: got {len(masks)} masks for {len(maps)} maps; pass one mask per map, in order")
     return np.array([outside_share(m, k) > threshold for m, k in zip(maps, masks)])
 
 
@@ -35,6 +39,15 @@ def fixed_hotspots(maps: list[np.ndarray], radius: float = HOTSPOT_RADIUS,
                    share: float = HOTSPOT_SHARE) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Mask-free signal: per image, does its peak sit at a location where many images peak, although the
     objects move between images? Returns the per-image flags and that location (row, col) or None."""
+    maps = [np.asarray(m) for m in maps]
+    if not maps:
+        raise ValueError("maps: the list is empty; pass the maps of several images")
+    if maps[0].ndim != 2:
+        raise ValueError(f"maps: expected 2-D (H, W) maps, got shape {maps[0].shape}; pass Attribution.map")
+    shapes = list(dict.fromkeys(m.shape for m in maps))
+    if len(shapes) > 1:
+        raise ValueError(f"maps: shapes differ ({', '.join(map(str, shapes[:4]))}); peaks are compared in pixels, "
+                         "so resample the maps to one shape first (explain_batch does this for you)")
     peaks = np.array([np.unravel_index(np.argmax(m), m.shape) for m in maps], dtype=np.float64)
     h, w = maps[0].shape
     r = radius * np.hypot(h, w)
