@@ -79,9 +79,11 @@ def test_the_button_runs_the_checks_in_the_background(cnn, image):
     assert "saliency" in panel.report.passed and len(panel.deletion_lines[0].y) == 21
     assert panel.agreement_figure.layout.display == "none" and "methods disagree" not in panel.warning.value
 
-    broken = TrustPanel(cnn, image, methods=["no_such_method"])
+    with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+        TrustPanel(cnn, image, methods=["no_such_method"])             # refused before any work
+    broken = TrustPanel(cnn, image, methods=["saliency"], target=10**6)
     broken.button.click()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="out of range"):
         broken.wait(60)
     assert broken.status.value.startswith("error") and not broken.button.disabled
 
@@ -168,3 +170,11 @@ def test_the_checks_leave_the_model_as_the_user_left_it_while_they_run(image, mo
     panel.wait()
     assert passes and all(passes) and panel.report is not None
     assert_same_view(user_view(model), before)
+
+
+def test_the_panel_takes_one_image_and_each_method_once(cnn, image):
+    with pytest.raises(ValueError, match=r"image: the trust panel takes one image, got 2"):
+        TrustPanel(cnn, [image, image])
+    with pytest.raises(ValueError, match=r"methods: 'saliency' is listed twice"):
+        TrustPanel(cnn, image, methods=["saliency", "saliency"])
+    assert TrustPanel(cnn, [image], methods=["saliency"]).image is image

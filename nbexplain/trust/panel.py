@@ -19,7 +19,7 @@ import numpy as np
 from ..api import attribute
 from ..calls import eager
 from ..replica import Replica
-from .agreement import DISAGREE_BELOW, Agreement
+from .agreement import DISAGREE_BELOW, Agreement, method_names, one_image
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
 from .similarity import spearman
@@ -53,7 +53,7 @@ class TrustPanel(ipywidgets.VBox):
                  params: dict[str, dict] | None = None, mode: str = "cascading", groups: Sequence[str] | None = None,
                  steps: int = 20, fill: str = "blur", seed: int = 0, autorun: bool = False) -> None:
         import bqplot as bq
-        methods = list(methods)
+        methods, image = method_names(methods), one_image(image, "the trust panel")
         if not methods:
             raise ValueError("methods: name at least one method")
         if mode not in ("cascading", "independent"):
