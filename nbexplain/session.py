@@ -17,7 +17,7 @@ from .context import Context
 from .hygiene import borrowed
 from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
-from .models import ModelInfo, tensor_versions
+from .models import ModelInfo
 from .pipeline import ByteLRU, Graph, Record, Stage, digest
 from .replica import Replica
 
@@ -101,14 +101,14 @@ class Session:
     def _fingerprint(self) -> str:
         """Changes whenever any parameter or buffer is replaced or modified in place (training,
         randomisation). Runs on every control change."""
-        return digest(np.array(tensor_versions(self.model), np.int64))
+        return digest(np.array(self.private.refresh(), np.int64))     # also brings the private copy up to date
 
     def _preprocess(self, state: dict, up: dict) -> Prepared:
         return prepare(up["image"].source, self.info.preprocess)
 
     def _forward(self, state: dict, up: dict) -> torch.Tensor:
         x = up["preprocess"].x
-        with self.lock, borrowed(model := self.private.get()), torch.no_grad():
+        with self.lock, borrowed(model := self.private.copy), torch.no_grad():
             return call(model, inputs_for(model, x)).detach().float().cpu()
 
     def _target(self, state: dict, logits: torch.Tensor) -> int:
@@ -123,7 +123,7 @@ class Session:
         fam = family(state["method"])
         if fam == "pixel":
             return memo                       # filled lazily by the methods (IG points, noise sums)
-        with self.lock, borrowed(model := self.private.get()):
+        with self.lock, borrowed(model := self.private.copy):
             x = inputs_for(model, up["preprocess"].x)
             target = torch.tensor([self._target(state, up["forward"])], device=x.device)
             ctx = Context(model, x, lambda _logits: target, self.info.preprocess, 1, memo=memo,
@@ -138,7 +138,7 @@ class Session:
         spec = get_method(state["method"])
         params = spec.validate({p.name: state[p.name] for p in spec.params if p.name in state})
         with self.lock:
-            run = compute(self.private.get(), up["preprocess"].x, spec, params,
+            run = compute(self.private.copy, up["preprocess"].x, spec, params,
                           target=self._target(state, up["forward"]), layer=layer_of(state) or None,
                           info=self.info, memo=up["workspace"], progress=self.progress,
                           logits=up["forward"], keep_intermediates=True)
@@ -176,7 +176,7 @@ class Session:
 
     def layers(self, state: dict) -> list[dict]:
         prepared, _ = self.evaluate(state, "preprocess")
-        with self.lock, borrowed(model := self.private.get()):
+        with self.lock, borrowed(model := self.private.copy):
             return [layer.as_dict() for layer in candidates(model, tuple(prepared.x.shape))]
 
     def close(self) -> None:
