@@ -403,3 +403,13 @@ def test_another_cell_sees_the_model_as_the_user_left_it_while_the_widget_comput
         direct = nbx.attribute(model, images[w.image], "saliency", target=w.target if w.target >= 0 else None)
         np.testing.assert_allclose(w.result.map, direct.map, rtol=1e-5, atol=1e-6)
     w.close()
+
+
+def test_a_low_precision_vit_runs_pixel_methods_in_the_widget(images):
+    """The widget hands the model its float32 logits; the ViT tail check compares them with the bf16
+    model's own (it failed with 'BFloat16 did not match Float')."""
+    model = nbx.load_model("synthetic-vit").to(torch.bfloat16)
+    w = nbx.explain(model, images, method="integrated_gradients", steps=4)
+    w.wait()
+    assert np.isfinite(w.result.map).all() and w.result.map.max() > 0
+    w.close()
