@@ -45,11 +45,12 @@ def plan(model: nn.Module, x: torch.Tensor) -> Plan:
     return once_per_shape(_CHOSEN, model, x, lambda: _probe(model, x[:1]) if _convs(model) >= 2 else NCHW)
 
 
-def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.Tensor, probe):
+def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.Tensor, probe, extra: tuple = ()):
     """``probe()``, run once per model, input shape and set of submodules: a submodule replaced since
-    (a BN swapped for Identity) means a new probe. A model keeps at most 8 shapes (shapes seen are few)."""
+    (a BN swapped for Identity) means a new probe, as does a change in ``extra`` (settings the probe
+    depends on). A model keeps at most 8 shapes (shapes seen are few)."""
     shapes = cache.setdefault(model, {})
-    key = (tuple(x.shape[1:]), x.dtype, x.device, hash(tuple(map(id, model.modules()))))
+    key = (tuple(x.shape[1:]), x.dtype, x.device, hash(tuple(map(id, model.modules()))), extra)
     if key not in shapes:
         if len(shapes) >= _MAX_SHAPES:
             shapes.clear()

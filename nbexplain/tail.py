@@ -30,9 +30,12 @@ def dead_tokens(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Tail
     """The last block and the tokens the head reads, checked once per model and input shape: a forward at
     x whose last block computes ``keep`` tokens and leaves the others NaN must give ``logits`` (the plain
     model's at x). One batch-1 forward per ``keep`` tried (1, then the model's prefix tokens)."""
-    if x.ndim != 4 or not x.is_floating_point() or _hooks_anywhere(model):   # no pruning: nothing to check
+    if x.ndim != 4 or not x.is_floating_point() or _unsafe(model):   # no pruning: nothing to check
         return None
-    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), logits[:1]))
+    net = core(model)[1]
+    # how the head pools is plain attributes (timm's global_pool), which the module ids do not show
+    head = tuple(repr(getattr(net, a, None)) for a in ("global_pool", "pool_include_prefix", "num_prefix_tokens"))
+    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), logits[:1]), head)
 
 
 def _last_block(model: nn.Module) -> nn.Module | None:
@@ -49,8 +52,7 @@ def _probe(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> Tail | None:
     block = _last_block(model)
     if block is None:
         return None
-    prefix = getattr(core(model)[1], "num_prefix_tokens", 1)
-    for keep in dict.fromkeys((1, prefix if isinstance(prefix, int) and prefix > 1 else 1)):
+    for keep in _candidates(core(model)[1]):
         try:
             with torch.no_grad(), pruned(model, Tail(block, keep), poison=True) as active:
                 got = call(model, x)
@@ -61,20 +63,31 @@ def _probe(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> Tail | None:
     return None
 
 
-def _hooks_anywhere(model: nn.Module) -> bool:
-    """A hook may read the block's dead tokens (or any module after it): then the model runs whole."""
+def _candidates(net: nn.Module) -> list[int]:
+    """Token counts the head may read: the class token, then every prefix token (a distillation token;
+    PiT declares no prefix count, but its class-token parameter holds both)."""
+    prefix = getattr(net, "num_prefix_tokens", None)
+    cls = getattr(net, "cls_token", None)
+    if not isinstance(prefix, int) and isinstance(cls, torch.Tensor) and cls.ndim == 3:
+        prefix = cls.shape[1]
+    return list(dict.fromkeys([1] + ([prefix] if isinstance(prefix, int) and prefix > 1 else [])))
+
+
+def _unsafe(model: nn.Module) -> bool:
+    """A hook may read the block's dead tokens (or any module after it), and gradient checkpointing
+    recomputes the block in the backward with its full forward: then the model runs whole."""
     g = nn.modules.module
     if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
             or g._global_backward_pre_hooks):
         return True
-    return any(hooked(m) for m in model.modules())
+    return any(hooked(m) or getattr(m, "grad_checkpointing", False) is True for m in model.modules())
 
 
 @contextmanager
 def pruned(model: nn.Module, tail: Tail | None, poison: bool = False) -> Iterator[bool]:
     """The tail block computes its first ``keep`` tokens; the others pass through unchanged (NaN with
     ``poison``, so a probe sees whether anything reads them). Yields whether it is pruned."""
-    if tail is None or "forward" in tail.block.__dict__ or _hooks_anywhere(model):
+    if tail is None or "forward" in tail.block.__dict__ or _unsafe(model):
         yield False
         return
     block, keep = tail

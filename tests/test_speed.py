@@ -422,3 +422,30 @@ def test_with_a_hook_anywhere_in_the_vit_its_last_block_runs_whole():
             if not torch.isfinite(xi).all():
                 continue                      # the stem probe's NaN image
             assert_close(out, model.norm(model.blocks(model._pos_embed(model.patch_embed(xi)))))
+
+
+def test_the_tail_follows_the_head_and_steps_aside_for_gradient_checkpointing():
+    """Pooling set as a plain attribute after a first call means a new check; gradient checkpointing
+    recomputes the last block in the backward with its full forward, so it runs whole; PiT's distilled
+    head reads two class tokens without declaring a prefix count."""
+    from nbexplain.hygiene import borrowed
+    from nbexplain.tail import dead_tokens
+    x = make_input(1)
+    kw = dict(target=TARGET, steps=4, baseline="zeros", batch_size=4)
+    model = make_model("vit")
+    nbx.attribute(model, x, "integrated_gradients", **kw)                  # checked with token pooling
+    model.global_pool = "avg"
+    got = nbx.attribute(model, x, "integrated_gradients", **kw)[0].raw
+    assert_close(got, IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=4))
+
+    model = make_model("vit")
+    model.set_grad_checkpointing(True)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    got = []
+    rows = _last_mlp_rows(model, len(x), lambda: got.extend(nbx.attribute(model, x, "integrated_gradients", **kw)))
+    assert set(rows) == {tokens}
+    assert_close(got[0].raw, IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=4))
+
+    pit, x = make_model("pit_ti_distilled_224"), make_input(1, 224)
+    with borrowed(pit), torch.no_grad():
+        assert dead_tokens(pit, x, pit(x)).keep == 2
