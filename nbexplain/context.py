@@ -85,11 +85,12 @@ class Context:
         a ViT's last block skips the tokens its head never reads (``tail``): its check is a forward."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
         batched = len(xs) >= 2
-        pairs = list(self.plan.pairs) if batched else []
+        swap = batched and self.swaps_allowed
+        pairs = list(self.plan.pairs) if swap else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
         fmt = self.plan.memory_format if batched else self.plan.single
-        tail = self.tail if batched and self.logits is not None else None
+        tail = self.tail if swap and self.logits is not None else None
         with folded(pairs, self._folded or []), pruned(self.model, tail):
             return call(self.model, xs.contiguous(memory_format=fmt))
 
@@ -134,7 +135,7 @@ class Context:
         backward, which then runs once per chunk instead of once per sample."""
         n = len(self.x)
         # nothing to share when a chunk holds one copy of the batch: no probe then either
-        stem = self.stem if len(xs) > n and self.batch_size >= 2 * n else None
+        stem = self.stem if len(xs) > n and self.batch_size >= 2 * n and self.swaps_allowed else None
         if stem is None or hooked(stem):
             g, s = self.input_grads(xs, targets)
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
@@ -151,6 +152,12 @@ class Context:
             scores.append(score.detach())
             self.report(min(1.0, (j + per_chunk) / len(weights)))
         return total, torch.cat(scores)
+
+    @cached_property
+    def swaps_allowed(self) -> bool:
+        """Whether a pass may swap weights or forwards (folding, the stem sum, the ViT tail) for its duration:
+        gradient checkpointing recomputes segments in the backward with the modules as they are then."""
+        return not any(getattr(m, "grad_checkpointing", False) is True for m in self.model.modules())
 
     @cached_property
     def tail(self):

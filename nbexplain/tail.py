@@ -74,13 +74,12 @@ def _candidates(net: nn.Module) -> list[int]:
 
 
 def _unsafe(model: nn.Module) -> bool:
-    """A hook may read the block's dead tokens (or any module after it), and gradient checkpointing
-    recomputes the block in the backward with its full forward: then the model runs whole."""
+    """A hook may read the block's dead tokens (or any module after it): then the model runs whole."""
     g = nn.modules.module
     if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
             or g._global_backward_pre_hooks):
         return True
-    return any(hooked(m) or getattr(m, "grad_checkpointing", False) is True for m in model.modules())
+    return any(hooked(m) for m in model.modules())
 
 
 @contextmanager

@@ -449,3 +449,34 @@ def test_the_tail_follows_the_head_and_steps_aside_for_gradient_checkpointing():
     pit, x = make_model("pit_ti_distilled_224"), make_input(1, 224)
     with borrowed(pit), torch.no_grad():
         assert dead_tokens(pit, x, pit(x)).keep == 2
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_with_gradient_checkpointing_no_pass_swaps_weights_or_forwards():
+    """A checkpointed segment is recomputed in the backward with the modules as they are then: BatchNorm
+    folded for the pass only failed with 'Recomputed values ... have different metadata'."""
+    x, kw = make_input(2), dict(target=TARGET, steps=4, baseline="zeros", batch_size=8)
+    for arch in ("resnet", "efficientnet"):
+        plain = make_model(arch)
+        model = make_model(arch)
+        model.set_grad_checkpointing(True)
+        got = torch.cat([a.raw for a in nbx.attribute(model, x, "integrated_gradients", **kw)])
+        # the same sums: channels-last, BatchNorm unfolded (a ReLU net's IG moves ~1% with the layout)
+        ref = IntegratedGradients(ChannelsLast(plain)).attribute(x.clone(), target=TARGET, n_steps=4)
+        assert_close(got, ref)
+        sg = dict(target=TARGET, samples=4, noise=0.1, seed=1, batch_size=8)
+        assert_close(torch.cat([a.raw for a in nbx.attribute(model, x, "smoothgrad", **sg)]),
+                     torch.cat([a.raw for a in nbx.attribute(plain, x, "smoothgrad", **sg)]))
+        cams = nbx.attribute(model, x, "gradcam", target=TARGET)
+        layer = cams[0].meta["layer"]        # checkpointed stages run their blocks, not the stage module
+        assert_close(torch.cat([a.raw for a in cams]),
+                     torch.cat([a.raw for a in nbx.attribute(plain, x, "gradcam", target=TARGET, layer=layer)]))
+        assert model.grad_checkpointing and hook_count(model) == 0
