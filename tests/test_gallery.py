@@ -97,6 +97,9 @@ def test_targets_masks_and_errors(cnn, small):
         explain_batch(cnn, small["images"], "saliency", flag_rule="outside", progress=False)
     with pytest.raises(ValueError, match="no image files"):
         explain_batch(cnn, ROOT / "nbexplain" / "trust", "saliency", progress=False)
+    for bad in (dict(batch_size=2.5), dict(batch_size=0), dict(faithfulness_steps=-1)):
+        with pytest.raises(ValueError, match=rf"{next(iter(bad))}=.*expected a positive integer"):
+            explain_batch(cnn, small["images"], "saliency", progress=False, **bad)
 
 
 def test_batched_faithfulness_matches_the_one_by_one_curves(hans, hans_result):
