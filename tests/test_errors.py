@@ -145,6 +145,14 @@ def test_scores_without_gradients_name_the_cause_and_occlusion_still_runs(cnn, v
         nbx.attribute(Detached(vit).eval(), X, "grad_rollout")
 
 
+def test_a_data_parallel_model_takes_pictures_with_the_config_of_the_network_inside():
+    model = nbx.load_model("synthetic-cnn")
+    picture = np.zeros((40, 50, 3), np.uint8) + 128
+    got = nbx.attribute(torch.nn.DataParallel(model), picture, "saliency", target=1)
+    want = nbx.attribute(model, picture, "saliency", target=1)
+    assert got.meta["preprocess"] == want.meta["preprocess"] and torch.allclose(got.raw, want.raw)
+
+
 def test_an_output_without_scores_says_how_to_wrap_the_model(cnn):
     with pytest.raises(TypeError, match=r"model: expected class scores.*got str; wrap the model"):
         nbx.attribute(Returns(cnn, "str").eval(), X, "saliency")
