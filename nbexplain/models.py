@@ -40,9 +40,11 @@ def describe(model: nn.Module, preprocess: Preprocess | None = None,
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}; "
                         "load one with nbx.load_model(...)")
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+    info = _INFO.get(model)
+    while info is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module            # a pure wrapper: the network inside carries the config
-    info = _INFO.get(model) or _infer(model)
+        info = _INFO.get(model)
+    info = info or _infer(model)
     if preprocess is not None:
         if not isinstance(preprocess, Preprocess):
             raise TypeError("preprocess: pass an nbx.Preprocess(size=..., mean=..., std=...)")

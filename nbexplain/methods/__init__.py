@@ -34,9 +34,11 @@ class Param:
         if isinstance(value, torch.Tensor):
             if not self.tensor:
                 raise TypeError(f"{method}: {self.name}: a tensor is not accepted here")
-            if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{method}: {self.name}: a tensor {self.name} must hold finite floats "
-                                 f"(got {value.dtype}{' with NaN or Inf' if value.is_floating_point() else ''})")
+            if value.is_complex():
+                raise ValueError(f"{method}: {self.name}: a tensor {self.name} must hold real numbers, got {value.dtype}")
+            value = value if value.is_floating_point() else value.float()       # integer zeros are zeros
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{method}: {self.name}: a tensor {self.name} must hold finite values (got NaN or Inf)")
             return value                         # shape is checked where it is used (make_baseline)
         if isinstance(value, np.generic):        # numpy scalars: np.int64(32) is 32
             value = value.item()
