@@ -103,6 +103,9 @@ def to_pil(image: Any) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
             raise FileNotFoundError(f"image: no file at {os.fspath(image)!r}")
+        if os.path.isdir(image):
+            raise ValueError(f"image: {os.fspath(image)!r} is a folder; pass one picture's path, or explain a "
+                             "whole folder with nbx.explain_batch(model, folder)")
         with Image.open(image) as f:
             f.load()
             return to_pil(f)

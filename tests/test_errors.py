@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 
 import numpy as np
 import pytest
@@ -259,6 +260,8 @@ def test_empty_inputs(cnn):
             nbx.attribute(cnn, Image.new("RGB", size), "saliency")
         with pytest.raises(ValueError, match="image: the picture is empty"):
             nbx.explain(cnn, [Image.new("RGB", size)])
+    with pytest.raises(ValueError, match=r"image: .* is a folder; .*nbx.explain_batch"):
+        nbx.attribute(cnn, os.path.dirname(__file__), "saliency")
     nan = np.full((8, 8), np.nan, np.float32)
     with pytest.raises(ValueError, match="image: the F-mode picture holds NaN or Inf values"):
         nbx.attribute(cnn, Image.fromarray(nan, "F"), "saliency")
