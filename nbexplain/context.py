@@ -14,7 +14,7 @@ from .hygiene import forward_hooks, hooked, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
 from .folding import folded, folded_weights
-from .speed import NCHW, Plan, plan
+from .speed import Plan, plan
 from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import dead_tokens, pruned
 
@@ -47,11 +47,15 @@ class Context:
     logits: torch.Tensor | None = None   # at x, from the first pass that saw exactly x
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
     _targets: torch.Tensor | None = field(default=None, init=False, repr=False)
-    plan: Plan = field(default=NCHW, init=False, repr=False)
+    _plan: Plan | None = field(default=None, init=False, repr=False)
     _folded: list | None = field(default=None, init=False, repr=False)   # this call's folded BN weights
 
-    def __post_init__(self) -> None:
-        self.plan = plan(self.model, self.x)
+    @property
+    def plan(self) -> Plan:
+        """The batched passes' fast paths (``speed.plan``), probed on the first batched pass."""
+        if self._plan is None:
+            self._plan = plan(self.model, self.x)
+        return self._plan
 
     # --- targets -----------------------------------------------------------------------------------
     @property
@@ -89,7 +93,8 @@ class Context:
         pairs = list(self.plan.pairs) if swap else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
-        fmt = self.plan.memory_format if batched else self.plan.single
+        # a one-sample pass uses a plan only when one was probed already (by a batched pass, or a call before)
+        fmt = self.plan.memory_format if batched else plan(self.model, self.x, probe=False).single
         tail = self.tail if swap and self.logits is not None else None
         with folded(pairs, self._folded or []), pruned(self.model, tail):
             return call(self.model, xs.contiguous(memory_format=fmt))

@@ -262,6 +262,23 @@ def test_the_probe_costs_two_forwards_when_both_paths_hold():
     assert calls == [1, 1]
 
 
+def test_a_one_sample_method_on_a_fresh_model_runs_no_probe():
+    """The probe (two forwards) pays off over batched work; a first saliency call is one forward+backward,
+    as with captum, and a later batched call still probes and folds."""
+    for arch in ("resnet", "efficientnet"):
+        model, x = make_model(arch), make_input()
+        calls = []
+        handle = model.register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+        try:
+            nbx.attribute(model, x, "saliency", target=TARGET)
+            assert calls == [1], (arch, calls)
+            calls.clear()
+            nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=4, baseline="zeros", batch_size=4)
+            assert calls.count(1) >= 2 and 4 in calls, (arch, calls)     # the probe's forwards, then the path
+        finally:
+            handle.remove()
+
+
 def test_one_sample_passes_use_channels_last_only_on_nets_with_grouped_convs(zoo):
     """At batch 1, NHWC gains on depthwise nets (EfficientNet) and loses on plain ResNets (resnet18
     3-8%, measured): a one-sample pass of a plain ResNet runs NCHW, a batched one channels-last."""
