@@ -47,15 +47,12 @@ class Context:
     logits: torch.Tensor | None = None   # at x, from the first pass that saw exactly x
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
     _targets: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _plan: Plan | None = field(default=None, init=False, repr=False)
     _folded: list | None = field(default=None, init=False, repr=False)   # this call's folded BN weights
 
-    @property
+    @cached_property
     def plan(self) -> Plan:
         """The batched passes' fast paths (``speed.plan``), probed on the first batched pass."""
-        if self._plan is None:
-            self._plan = plan(self.model, self.x)
-        return self._plan
+        return plan(self.model, self.x)
 
     # --- targets -----------------------------------------------------------------------------------
     @property
