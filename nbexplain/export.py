@@ -121,7 +121,7 @@ def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors
 
     A tensor parameter (a custom IG baseline) travels in a JSON export; from a PNG's or an npz's provenance,
     which keep only its hash, pass it again (``baseline=...``): it is checked against that hash."""
-    from .api import attribute, tensor_note
+    from .api import attribute
     from .models import weights_digest
     d = json.loads(doc) if isinstance(doc, (str, bytes)) else doc
     if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -144,16 +144,17 @@ def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors
     params = dict(d["params"])
     for name, note in params.items():
         if isinstance(note, dict) and "tensor" in note:
-            params[name] = _tensor_param(name, note, tensors.get(name), d.get("tensors", {}).get(name), tensor_note)
+            params[name] = _tensor_param(name, note, tensors.get(name), d.get("tensors", {}).get(name))
     layer = d.get("layer") if d.get("layer") and not str(d.get("layer")).startswith("block ") else None
     result = attribute(model, image, d["method"], target=d["target"], preprocess=pre,
                        **({"layer": layer} if layer else {}), **params)
     return result[0] if isinstance(result, list) else result
 
 
-def _tensor_param(name: str, note: dict, given, stored, tensor_note) -> torch.Tensor:
+def _tensor_param(name: str, note: dict, given, stored) -> torch.Tensor:
     """The tensor parameter ``name`` for a replay: the one passed, else the export's own; either must match
     the hash the provenance recorded."""
+    from .api import tensor_note            # at call time, as replay imports attribute
     if given is None and stored is None:
         raise ValueError(f"replay: {name} was a tensor {tuple(note['tensor'])} that this export does not carry "
                          f"(only its hash); pass it again: replay(..., {name}=<the tensor>)")
