@@ -12,7 +12,7 @@ from torch import nn
 from .calls import call
 from .hygiene import forward_hooks, hooked, unfused_attention
 from .images import Preprocess
-from .layers import Layer, as_spatial, channels_first, first_tensor, resolve, token_layout
+from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, token_layout
 from .folding import folded, folded_weights
 from .speed import Plan, plan
 from .stem import input_gradient_sum, input_stem, summed_at_stem
@@ -187,7 +187,7 @@ class Context:
 
     # --- layers ------------------------------------------------------------------------------------
     def layer(self) -> Layer:
-        found = resolve(self.model, tuple(self.x.shape), self.layer_name)
+        found = resolve(self.model, tuple(self.x.shape), self.layer_name, lazy=True)
         self.meta["layer"] = found.name
         return found
 
@@ -234,6 +234,9 @@ class Context:
             missing = [layer.name for layer in layers if layer.name not in outputs]
             if missing:
                 raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
+            for layer in layers:
+                got_shape = channels_first(modules[layer.name], outputs[layer.name], self.model).shape
+                checked(self.model, layer, tuple(got_shape), tuple(self.x.shape))
             grads = None
             wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
             if gradients or input_grad:

@@ -32,6 +32,7 @@ class Layer:
                 "depth": self.depth, "type": self.module_type}
 
 
+UNCHECKED = "unchecked"        # a Layer's kind when named by the user and not probed yet (``checked``)
 _MAX_PREFIX = 16              # class, distillation and register tokens before the patches
 
 
@@ -208,44 +209,32 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     if key in per_model:
         return per_model[key]
     names = {m: n for n, m in model.named_modules() if n}
-    seen: list[tuple[str, nn.Module, tuple, bool]] = []
+    seen: list[tuple[str, nn.Module, tuple, bool, bool]] = []
     previous: list[torch.Tensor] = []        # a container's hook fires right after its last child's
 
     def record(module, _inp, out):
         t = first_tensor(out)
         if t is not None and module in names:
             seen.append((names[module], module, tuple(channels_first(module, t, model).shape),
-                         bool(previous) and previous[0] is t))
+                         bool(previous) and previous[0] is t, t.requires_grad))
             previous[:] = [t]
 
-    def run(batch: int) -> int:
-        seen.clear()
-        previous.clear()
-        x = torch.zeros((batch, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
-        with borrowed(model), torch.no_grad(), forward_hooks((m, record) for m in names), size_hint(x):
-            model(x)
-        return batch
-
-    # two images: an output whose first dimension is not the batch (MobileViT's transformers fold the
-    # patch positions into it, (N*4, tokens, C); a per-model constant is (1, ...)) is not a map per image.
-    # A model that only takes one image (x.view(1, ...)) is probed with one, and its error, if any, raised.
-    try:
-        batch = run(2)
-    except Exception:
-        batch = run(1)
+    # One image, tracked by autograd: an output whose first dimension is not 1 is not a map per image
+    # (MobileViT's transformers fold the patch positions into it, (N*4, tokens, C)), nor is one that does
+    # not depend on the image (a per-model constant). The clone lets a model edit its input in place.
+    x = torch.zeros((1, *input_shape[1:]), device=model_device(model), dtype=model_dtype(model))
+    tracked = x.is_floating_point()
+    x = x.requires_grad_(tracked).clone()
+    with borrowed(model), torch.enable_grad(), forward_hooks((m, record) for m in names), size_hint(x):
+        model(x)
+    # a model that cuts the graph itself (no_grad in its forward) tells nothing by it
+    tracked = tracked and any(entry[4] for entry in seen)
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}
-    for name, module, shape, same_as_previous in seen:
-        if shape[0] != batch:
+    for name, module, shape, same_as_previous, depends in seen:
+        layer = reading(model, name, module, shape, (1, *input_shape[1:]), len(layers))
+        if layer is None or (tracked and not depends):
             continue
-        shape = (1, *shape[1:])
-        layout = token_layout(model, shape[1], tuple(input_shape[2:])) if len(shape) == 3 else None
-        probe = torch.empty(shape, device="meta")
-        spatial = as_spatial(probe, layout)
-        if spatial is None or isinstance(module, _SKIP) or not _on_image(spatial.shape[2:], input_shape[2:]):
-            continue
-        layer = Layer(name, "tokens" if len(shape) == 3 else "conv", tuple(spatial.shape[2:]),
-                      int(spatial.shape[1]), len(layers), type(module).__name__)
         by_name[name] = layer
         if same_as_previous and layers and layers[-1].name.startswith(name + "."):
             # a container that returns its last child's output: one entry, under the more telling name
@@ -258,6 +247,21 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     while len(per_model) > 4:                      # bounded: a few input sizes per model
         per_model.popitem(last=False)
     return layers, by_name
+
+
+def reading(model: nn.Module, name: str, module: nn.Module, shape: tuple, input_shape: tuple[int, ...],
+            depth: int = -1) -> Layer | None:
+    """The Layer for a module output of ``shape`` (channels first) at an input of ``input_shape``, or None
+    when it is no map of each image: not spatial, its first dimension not the batch, or not on the image."""
+    if shape[0] != input_shape[0]:
+        return None
+    hw = tuple(input_shape[2:])
+    layout = token_layout(model, shape[1], hw) if len(shape) == 3 else None
+    spatial = as_spatial(torch.empty(shape, device="meta"), layout)
+    if spatial is None or isinstance(module, _SKIP) or not _on_image(spatial.shape[2:], hw):
+        return None
+    return Layer(name, "tokens" if len(shape) == 3 else "conv", tuple(spatial.shape[2:]), int(spatial.shape[1]),
+                 depth, type(module).__name__)
 
 
 def _on_image(grid: tuple[int, int], input_hw: tuple[int, int]) -> bool:
@@ -327,6 +331,19 @@ def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
     return (big or convs or layers)[-1]
 
 
+def checked(model: nn.Module, layer: Layer, shape: tuple, input_shape: tuple[int, ...]) -> Layer:
+    """``layer`` once its output's (channels-first) ``shape`` is seen: an unchecked name becomes its Layer,
+    or the error ``resolve`` gives for a module without a map per image."""
+    if layer.kind != UNCHECKED:
+        return layer
+    found = reading(model, layer.name, dict(model.named_modules())[layer.name], shape, input_shape)
+    if found is None:
+        resolve(model, input_shape, layer.name)     # probes, and raises the error that names the fix
+        raise ValueError(f"layer {layer.name!r}: its output {tuple(shape)} is not a map per image at this "
+                         f"input {tuple(input_shape)}; pick one of nbx.layers(model)")
+    return found
+
+
 def layer_name(model: nn.Module, layer) -> str | None:
     """A layer given as a module of ``model`` (pytorch-grad-cam's ``model.layer4[-1]``) -> its name."""
     if not isinstance(layer, nn.Module):
@@ -340,14 +357,19 @@ def layer_name(model: nn.Module, layer) -> str | None:
     return name
 
 
-def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer | None) -> Layer:
-    """The Layer for a user's name (or the default), with a close-match hint when it is wrong."""
+def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer | None, lazy: bool = False
+            ) -> Layer:
+    """The Layer for a user's name (or the default), with a close-match hint when it is wrong. ``lazy``: a
+    module's name, before any probe at this input size, gives an UNCHECKED Layer (see ``checked``)."""
     if isinstance(layer, Layer):
         return layer
     if layer is None or layer == "":
         return default_layer(model, input_shape)
     if not isinstance(layer, str):
         raise TypeError(f"layer: expected a module name such as 'layer4', got {type(layer).__name__}")
+    if lazy and tuple(input_shape[1:]) not in _CACHE.get(model, {}) and layer in dict(model.named_modules()):
+        # no probe forward for a named layer: the capture checks what it gets (``checked``)
+        return Layer(layer, UNCHECKED, (0, 0), 0, -1, "")
     by_name = spatial_layers(model, input_shape)
     if layer in by_name:
         return by_name[layer]

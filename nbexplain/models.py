@@ -264,8 +264,7 @@ def weights_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
     digest = h.hexdigest()
     _DIGESTS[model] = (key, digest)
     return digest

@@ -723,3 +723,40 @@ def test_a_model_that_takes_one_image_only_still_has_cam_layers():
     model = OneImage().eval()
     out = nbx.attribute(model, torch.randn(3, 64, 64), "gradcam", target=2)
     assert out.meta["layer"] == "conv" and out.raw.shape == (1, 16, 16)
+
+
+class _CountingNet(nn.Module):
+    """A small CNN that counts its forwards and adds a per-model constant map (a learned bias image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.bias_map = nn.Conv2d(1, 8, 1)              # applied to a fixed (1,1,16,16) grid: no image in it
+        self.register_buffer("grid", torch.ones(1, 1, 16, 16))
+        self.fc = nn.Linear(8, 5)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        a = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc((a + self.bias_map(self.grid)).mean((2, 3)))
+
+
+def test_a_named_layer_needs_no_probe_forward_and_a_constant_map_is_no_layer():
+    """A first CAM call at a named layer is one forward (its capture checks the layer); the default layer
+    costs one probe more. The probe runs one image and keeps only outputs that depend on it: a map that
+    is the same for every image (a learned bias image) is no CAM layer."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, 64)
+    model = _CountingNet().eval()
+    named = nbx.attribute(model, x, "gradcam", target=1, layer="conv2")
+    assert model.calls == 1 and named.meta["layer"] == "conv2" and named.raw.shape == (1, 16, 16)
+    fresh = _CountingNet().eval()
+    fresh.load_state_dict(model.state_dict())
+    default = nbx.attribute(fresh, x, "gradcam", target=1)
+    assert fresh.calls == 2 and default.meta["layer"] == "conv2"
+    torch.testing.assert_close(default.raw, named.raw)
+    names = [layer["name"] for layer in nbx.layers(fresh, x, all=True)]
+    assert names == ["conv1", "conv2"]                   # not bias_map: its (1, 8, 16, 16) ignores the image
+    with pytest.raises(ValueError, match="layer 'fc' has no spatial output per image"):
+        nbx.attribute(_CountingNet().eval(), x, "gradcam", target=1, layer="fc")
