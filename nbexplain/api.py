@@ -19,7 +19,7 @@ from .context import Context
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
 from .layers import candidates, grid_extent, layer_name
-from .models import ModelInfo, describe, weights_digest
+from .models import ModelInfo, describe, start_digest, weights_digest
 
 TOPK = 5
 
@@ -48,6 +48,7 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     if layer is not None and not spec.needs_layer:
         raise ValueError(f"layer: {method!r} does not use a layer; layer methods are "
                          f"{', '.join(m.name for m in REGISTRY.values() if m.needs_layer)}")
+    start_digest(model)                            # hashed while the passes run (provenance)
     run = compute(model, prepared.x, spec, chosen, target=target, layer=layer, info=info,
                   batch_size=batch_size, progress=progress)
     results = package(run, prepared, info, model)

@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -31,7 +32,7 @@ class ModelInfo:
 
 
 _INFO: "weakref.WeakKeyDictionary[nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
-_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str | Future]]" = weakref.WeakKeyDictionary()
 
 
 def describe(model: nn.Module, preprocess: Preprocess | None = None,
@@ -260,11 +261,33 @@ def weights_digest(model: nn.Module) -> str:
     key = tensor_versions(model)
     hit = _DIGESTS.get(model)
     if hit and hit[0] == key:
-        return hit[1]
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-    digest = h.hexdigest()
+        return hit[1] if isinstance(hit[1], str) else hit[1].result()
+    digest = _sha256(model.state_dict())
     _DIGESTS[model] = (key, digest)
     return digest
+
+
+def start_digest(model: nn.Module) -> None:
+    """Begin ``weights_digest`` in a worker thread, so that it overlaps the attribution's passes (hashlib
+    releases the GIL; on a GPU the CPU is idle meanwhile). The tensors are taken now: a pass that swaps a
+    module's weights (BatchNorm folding) does not touch them, and a tensor changed in place before the
+    digest is read changes the key, so ``weights_digest`` hashes again."""
+    global _HASHER
+    key = tensor_versions(model)
+    hit = _DIGESTS.get(model)
+    if hit and hit[0] == key:
+        return
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
+    _DIGESTS[model] = (key, _HASHER.submit(_sha256, model.state_dict()))
+
+
+_HASHER: ThreadPoolExecutor | None = None
+
+
+def _sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name, t in state.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()

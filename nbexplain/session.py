@@ -17,7 +17,7 @@ from .context import Context
 from .hygiene import borrowed
 from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
-from .models import ModelInfo
+from .models import ModelInfo, start_digest
 from .pipeline import ByteLRU, Graph, Record, Stage, digest
 from .replica import Replica
 
@@ -137,6 +137,7 @@ class Session:
     def _attribute(self, state: dict, up: dict) -> Run:
         spec = get_method(state["method"])
         params = spec.validate({p.name: state[p.name] for p in spec.params if p.name in state})
+        start_digest(self.model)                     # hashed while the passes run (provenance)
         with self.lock:
             run = compute(self.private.copy, up["preprocess"].x, spec, params,
                           target=self._target(state, up["forward"]), layer=layer_of(state) or None,

@@ -760,3 +760,28 @@ def test_a_named_layer_needs_no_probe_forward_and_a_constant_map_is_no_layer():
     assert names == ["conv1", "conv2"]                   # not bias_map: its (1, 8, 16, 16) ignores the image
     with pytest.raises(ValueError, match="layer 'fc' has no spatial output per image"):
         nbx.attribute(_CountingNet().eval(), x, "gradcam", target=1, layer="fc")
+
+
+def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
+    """The provenance's sha256 is hashed in a worker thread while the passes run (BatchNorm folding swaps
+    weights meanwhile): it equals a hash of the state_dict, and a weight changed in place after the hash
+    began gives the new weights' digest, not the old one."""
+    import hashlib
+    from nbexplain.models import start_digest, weights_digest
+
+    def sha(model):
+        h = hashlib.sha256()
+        for name, t in model.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    model = make_model("resnet18", num_classes=10)
+    out = nbx.attribute(model, make_input(1, 64)[0], "integrated_gradients", steps=8, target=1)   # folded passes
+    assert out.meta["weights_sha256"] == sha(model)
+    with torch.no_grad():
+        model.fc.bias[0] += 1.0
+    start_digest(model)
+    with torch.no_grad():
+        model.fc.bias[1] += 1.0                 # after the worker took the tensors: must not be missed
+    assert weights_digest(model) == sha(model) != out.meta["weights_sha256"]
