@@ -108,9 +108,18 @@ def imagenet_labels(model: nn.Module) -> tuple[str, ...] | None:
 
 @functools.lru_cache(maxsize=1)
 def _imagenet_names() -> tuple[str, ...]:
-    from timm.data import ImageNetInfo
-    info = ImageNetInfo()                   # reads a file: ~40 ms, so once per process
-    return tuple(info.index_to_description(i) for i in range(1000))
+    """timm's lemma for each ImageNet-1k synset. Read from timm's files directly: its ``ImageNetInfo`` also
+    parses the 1.7 MB definitions file (50 ms of a first call), which names do not need."""
+    import pkgutil
+    try:
+        read = lambda name: pkgutil.get_data("timm.data", f"_info/{name}").decode("utf-8")   # noqa: E731
+        synsets = read("imagenet_synsets.txt").split()
+        lemmas = dict(line.split("\t", 1) for line in read("imagenet_synset_to_lemma.txt").splitlines() if line)
+        return tuple(lemmas[s] for s in synsets)
+    except (OSError, KeyError, ValueError):          # another timm layout: its own reader
+        from timm.data import ImageNetInfo
+        info = ImageNetInfo()
+        return tuple(info.index_to_description(i) for i in range(1000))
 
 
 def register(model: nn.Module, info: ModelInfo) -> nn.Module:

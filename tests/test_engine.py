@@ -785,3 +785,12 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     with torch.no_grad():
         model.fc.bias[1] += 1.0                 # after the worker took the tensors: must not be missed
     assert weights_digest(model) == sha(model) != out.meta["weights_sha256"]
+
+
+def test_imagenet_class_names_are_timms():
+    """A 1000-class model is labelled with timm's ImageNet-1k names (read from timm's files directly)."""
+    from timm.data import ImageNetInfo
+    info = ImageNetInfo()
+    out = nbx.attribute(make_model("resnet18"), make_input(1, 64)[0], "saliency", target=1)
+    assert out.label == info.index_to_description(1) == "goldfish, Carassius auratus"
+    assert [label for _, label, _ in out.probs] == [info.index_to_description(i) for i, _, _ in out.probs]
