@@ -101,6 +101,7 @@ class Settings:
     mem_model: str
     mem_steps: int
     acc_ref_steps: int = 257    # points of the fine reference that map errors are measured against (CPU: 129)
+    first_models: tuple[str, ...] = ("resnet50", "deit_small_patch16_224")   # the first-call section's
 
 
 def settings_for(args) -> Settings:
@@ -110,7 +111,7 @@ def settings_for(args) -> Settings:
                         0.0, 1, 0.0, not cuda, {m: "" for m in MODELS} | {"resnet50": "conv1",
                                                                         "tf_efficientnet_lite0": "blocks.2",
                                                                         "deit_small_patch16_224": ""},
-                        16, args.widget_model or CHEAP, 2, 1, (2, 4), (2, 4), "resnet50", 8, 17)
+                        16, args.widget_model or CHEAP, 2, 1, (2, 4), (2, 4), "resnet50", 8, 17, ("resnet50",))
     return Settings(False, args.device, args.size or 224, (1, 8), (16, 64, 128), (25, 50), 0.15, 56, 28,
                     args.row_budget or (20.0 if cuda else 12.0), args.max_reps or (7 if cuda else 3),
                     5.0 if cuda else 8.0, not cuda and not args.no_restrict,
@@ -416,6 +417,7 @@ class Bench:
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self.failures: list[str] = []
+        self.first: list[dict] = []       # first calls in fresh processes
         self.t0 = now()
 
     def time_row(self, row: dict, impls: dict[str, Callable]) -> tuple[dict[str, list[float]], dict[str, Any], int]:
@@ -970,6 +972,81 @@ def bench_memory(b: Bench) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# first calls (a fresh process each: what a user waits for after loading a model)
+# ------------------------------------------------------------------------------------------------
+FIRST_IMPLS = (("saliency", "nbexplain"), ("saliency", "captum"), ("gradcam", "nbexplain"),
+               ("gradcam", "torchcam"), ("gradcam", "grad-cam"), ("gradcam (default layer)", "nbexplain"))
+
+
+def first_child(spec: dict) -> dict:
+    """Imports done and the model and input ready (nothing has run on them): the first and second call."""
+    device, size, method, impl = spec["device"], spec["size"], spec["method"], spec["impl"]
+    model = make_model(spec["model"], size, device)
+    x = make_input(model, 1, size, device)
+    targets, layer = [3], spec["layer"]
+    if method == "saliency":
+        fn = ours(model, x, "saliency", targets, 1) if impl == "nbexplain" else captum_fn(model, x, "saliency", targets, 1)
+    elif impl == "nbexplain":
+        fn = ours(model, x, "gradcam", targets, 1, **({} if "default" in method else {"layer": layer}))
+    else:
+        make = torchcam_fn if impl == "torchcam" else gradcam_fn
+        fn = make(model, x, "gradcam", targets, layer, token_reshape(model, size), 1)
+    times = []
+    for _ in range(2):
+        t = now()
+        fn()
+        sync(device)
+        times.append(now() - t)
+    return {"first_s": times[0], "second_s": times[1]}
+
+
+def bench_first(b: Bench) -> list[dict]:
+    """Each (model, method, implementation) in a fresh subprocess, one after another (timings)."""
+    from nbexplain.layers import default_layer
+    s, res = b.s, []
+    for name in s.first_models:
+        layer = default_layer(make_model(name, s.size, "cpu"), (1, 3, s.size, s.size)).name
+        for method, impl in FIRST_IMPLS:
+            spec = {"model": name, "size": s.size, "device": s.device, "method": method, "impl": impl,
+                    "layer": layer}
+            p = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--device",
+                                s.device, "--_first", json.dumps(spec)], capture_output=True, text=True, timeout=900)
+            if p.returncode != 0:
+                b.failures.append(f"first call {name} {method} {impl}: {p.stderr[-500:]}")
+                continue
+            r = dict(spec, **json.loads(p.stdout.strip().splitlines()[-1]))
+            res.append(r)
+            print(f"  first call {name} {method} {impl}: {fmt_s(r['first_s'])} (second {fmt_s(r['second_s'])})",
+                  flush=True)
+    return res
+
+
+def first_table(s: Settings, first: list[dict]) -> list[str]:
+    L = ["", f"## First call after loading a model ({s.device}, batch 1, {s.size} px)", "",
+         "Each implementation in a fresh process, timed from the call (imports done, model and input ready, "
+         "nothing run on them yet): the one-time work (kernel set-up, nbexplain's layer probe and weights "
+         "digest) is in it. Grad-CAM at the layer named in the row for everyone; the default-layer row is "
+         "nbexplain choosing it (a probe forward).", "",
+         "| model | method | ours first | ours second | best peer | peer first | ratio (first) | others |",
+         "|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in first:
+        by.setdefault((r["model"], r["method"]), {})[r["impl"]] = r
+    for (model, method), impls in by.items():
+        mine = impls.get("nbexplain")
+        peers = {k: v["first_s"] for k, v in impls.items() if k != "nbexplain"}
+        if mine is None:
+            continue
+        best = min(peers, key=peers.get) if peers else None
+        label = f"{method} @{mine['layer']}" if method == "gradcam" else method
+        others = ", ".join(f"{k} {fmt_s(v)}" for k, v in peers.items() if k != best)
+        ratio = f"**{peers[best] / mine['first_s']:.2f}×**" if best else ""
+        L.append(f"| {model} | {label} | {fmt_s(mine['first_s'])} | {fmt_s(mine['second_s'])} | {best or '—'} | "
+                 f"{fmt_s(peers[best]) if best else ''} | {ratio} | {others} |")
+    return L
+
+
+# ------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------
 def fmt_err(v: float | None) -> str:
@@ -989,7 +1066,7 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
     info.setdefault("load_avg_end", os.getloadavg())
     info.setdefault("total_s", now() - b.t0)
     data = {"machine": info, "settings": dataclasses.asdict(s), "rows": b.rows, "skipped": b.skipped,
-            "ig_accuracy": acc, "widget": widget, "memory": mem, "failures": b.failures}
+            "ig_accuracy": acc, "widget": widget, "memory": mem, "first_call": b.first, "failures": b.failures}
     (b.out / "bench.json").write_text(json.dumps(data, indent=1, default=str))
     L = ["# nbexplain benchmarks", ""]
     L.append(f"- machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
@@ -1104,6 +1181,8 @@ def write_report(b: Bench, info: dict, acc: list[dict], widget: dict | None, mem
             peak = m.get("peak_rss_mib", m.get("maxrss_after_mib"))
             L.append(f"| {m['impl']} | {m['chunk']} | {'' if before is None else format(before, '.0f') + ' MiB'} | "
                      f"{peak:.0f} MiB | {m['rss_peak_increase_mib']:.0f} MiB | {cu} | {fmt_s(m['s'])} |")
+    if b.first:
+        L += first_table(s, b.first)
     if b.failures:
         L += ["", "## FAILURES", ""] + [f"- {f}" for f in b.failures]
     (b.out / "bench.md").write_text("\n".join(L) + "\n")
@@ -1177,7 +1256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--row-budget", type=float, default=0.0, help="seconds of timed rounds per row")
     ap.add_argument("--max-reps", type=int, default=0)
     ap.add_argument("--no-restrict", action="store_true", help="CPU: run every row on every model")
-    ap.add_argument("--sections", default="rows,accuracy,widget,memory")
+    ap.add_argument("--sections", default="rows,accuracy,widget,memory,first")
     ap.add_argument("--accuracy-models", default="", help="models for IG at equal accuracy (default: CPU the "
                                                           "cheapest, CUDA all)")
     ap.add_argument("--widget-model", default="")
@@ -1188,6 +1267,7 @@ def main(argv=None) -> int:
                          "accuracy section; every row still times its implementations side by side in one "
                          "process (default: one per core, at most 2; 1 on CUDA and in --quick)")
     ap.add_argument("--_memory", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_first", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1198,10 +1278,13 @@ def main(argv=None) -> int:
     if args._memory:
         print(json.dumps(memory_child(json.loads(args._memory))))
         return 0
+    if args._first:
+        print(json.dumps(first_child(json.loads(args._first))))
+        return 0
     if args.render:
         d = json.loads((pathlib.Path(args.out) / "bench.json").read_text())
         b = Bench(Settings(**d["settings"]), pathlib.Path(args.out))
-        b.rows, b.skipped, b.failures = d["rows"], d["skipped"], d["failures"]
+        b.rows, b.skipped, b.failures, b.first = d["rows"], d["skipped"], d["failures"], d.get("first_call", [])
         write_report(b, d["machine"], d["ig_accuracy"], d["widget"], d["memory"])
         return 0
     if args.device == "auto":
@@ -1225,6 +1308,7 @@ def main(argv=None) -> int:
         acc = d["ig_accuracy"] if "accuracy" not in sections else acc
         widget = d["widget"] if "widget" not in sections else widget
         mem = d["memory"] if "memory" not in sections else mem
+        b.first = d.get("first_call", []) if "first" not in sections else b.first
         info["merged_from"] = d["machine"]
     acc_models = [m for m in (args.accuracy_models.split(",") if args.accuracy_models else
                               (models if s.device == "cuda" and not s.quick else
@@ -1254,6 +1338,8 @@ def main(argv=None) -> int:
             b.failures.append(f"widget: {type(e).__name__}: {e}")
     if "memory" in sections:
         mem = bench_memory(b)
+    if "first" in sections:
+        b.first = bench_first(b)
     write_report(b, info, acc, widget, mem)
     if b.failures:
         print("FAILURES:\n  " + "\n  ".join(b.failures), flush=True)
