@@ -48,10 +48,11 @@ def attribute(model: nn.Module, images: Any, method: str = "saliency", *, target
     if layer is not None and not spec.needs_layer:
         raise ValueError(f"layer: {method!r} does not use a layer; layer methods are "
                          f"{', '.join(m.name for m in REGISTRY.values() if m.needs_layer)}")
-    start_digest(model)                            # hashed while the passes run (provenance)
-    run = compute(model, prepared.x, spec, chosen, target=target, layer=layer, info=info,
-                  batch_size=batch_size, progress=progress)
-    results = package(run, prepared, info, model)
+    with borrowed(model):                          # one walk of the module tree serves the whole call
+        weights = start_digest(model)              # hashed while the passes run (provenance)
+        run = compute(model, prepared.x, spec, chosen, target=target, layer=layer, info=info,
+                      batch_size=batch_size, progress=progress)
+    results = package(run, prepared, info, model, weights)
     single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
     return results[0] if single else results
 
@@ -157,13 +158,15 @@ def _one_target(t: Any, classes: int, labels: Sequence[str] | None) -> int:
     return int(t)
 
 
-def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module) -> list[Attribution]:
-    """Split a batch run into per-image Attributions with display maps and provenance."""
+def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, weights: tuple | None = None
+            ) -> list[Attribution]:
+    """Split a batch run into per-image Attributions with display maps and provenance (``weights``: the
+    key ``start_digest`` returned before the run)."""
     probs = run.logits.float().softmax(1)
     k = min(TOPK, probs.shape[1])
     top_p, top_i = probs.topk(k, 1)
     reduce_, signed = run.meta.pop("display", (run.spec.reduce, run.spec.signed))
-    common = provenance(run, info, model)
+    common = provenance(run, info, model, weights)
     out = []
     for i in range(len(run.targets)):
         raw = run.raw[i:i + 1].float().cpu()
@@ -207,12 +210,12 @@ def tensor_note(t: torch.Tensor) -> dict:
     return {"tensor": list(t.shape), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def provenance(run: Run, info: ModelInfo, model: nn.Module) -> dict:
+def provenance(run: Run, info: ModelInfo, model: nn.Module, weights: tuple | None = None) -> dict:
     import timm
     from . import __version__
     params = {k: v for k, v in run.params.items() if not isinstance(v, torch.Tensor)}   # tensors: per image
     return {"method": run.spec.name, "params": params, "model": info.name, "model_class": type(model).__name__,
-            "model_source": info.source, "weights_sha256": weights_digest(model),
+            "model_source": info.source, "weights_sha256": weights_digest(model, weights),
             "preprocess": info.preprocess.as_dict() if info.preprocess else None,
             "versions": {"nbexplain": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "python": platform.python_version()},

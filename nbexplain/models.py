@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ._errors import unknown
+from .hygiene import modules_of
 from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 DEFAULT_MODEL = "efficientnet-lite0"
@@ -261,14 +262,16 @@ def tensor_versions(model: nn.Module) -> tuple[int, ...]:
     """(address, in-place version) of every parameter and buffer: changes when any of them is replaced
     or modified in place. Reads each module's own tensors (building a state_dict() costs ~3x more,
     and this runs on every widget update)."""
-    return tuple(v for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())
-                 if t is not None for v in (t.data_ptr(), t._version))
+    return tuple([v for m in modules_of(model) for t in (*m._parameters.values(), *m._buffers.values())
+                  if t is not None for v in (t.data_ptr(), t._version)])
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 of the parameters and buffers; memoised until any tensor changes in place."""
-    key = tensor_versions(model)
+def weights_digest(model: nn.Module, key: tuple | None = None) -> str:
+    """sha256 of the parameters and buffers; memoised until any tensor changes in place. ``key``: what
+    ``start_digest`` returned in this call (saves walking the model again)."""
     hit = _DIGESTS.get(model)
+    if key is None or not hit or hit[0] != key:
+        key = tensor_versions(model)
     if hit and hit[0] == key:
         return hit[1] if isinstance(hit[1], str) else hit[1].result()
     digest = _sha256(model.state_dict())
@@ -276,7 +279,7 @@ def weights_digest(model: nn.Module) -> str:
     return digest
 
 
-def start_digest(model: nn.Module) -> None:
+def start_digest(model: nn.Module) -> tuple:
     """Begin ``weights_digest`` in a worker thread, so that it overlaps the attribution's passes (hashlib
     releases the GIL; on a GPU the CPU is idle meanwhile). The tensors are taken now: a pass that swaps a
     module's weights (BatchNorm folding) does not touch them, and a tensor changed in place before the
@@ -285,10 +288,11 @@ def start_digest(model: nn.Module) -> None:
     key = tensor_versions(model)
     hit = _DIGESTS.get(model)
     if hit and hit[0] == key:
-        return
+        return key
     if _HASHER is None:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
     _DIGESTS[model] = (key, _HASHER.submit(_sha256, model.state_dict()))
+    return key
 
 
 _HASHER: ThreadPoolExecutor | None = None
