@@ -64,10 +64,25 @@ def _walk(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
 
 def _copy(model: nn.Module) -> nn.Module:
     """Modules copied; parameters aliased (same storage, own ``requires_grad``); buffers shared (a pass
-    only reads them). A model that cannot be deep-copied is used as it is."""
+    only reads them). A model that cannot be deep-copied (a lock, an open file, an old-style weight_norm
+    after a backward) gets a copy of its module tree alone (``_tree_copy``)."""
+    params = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()}
     try:
-        memo: dict = {id(b): b for b in model.buffers()}
-        memo.update({id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()})
-        return copy.deepcopy(model, memo)
-    except Exception:   # noqa: BLE001 - locks, open files, parametrizations: fall back to the model itself
-        return model
+        return copy.deepcopy(model, {id(b): b for b in model.buffers()} | params)
+    except Exception:   # noqa: BLE001 - whatever deepcopy refuses, the tree copy does not need
+        return _tree_copy(model, params, {})
+
+
+def _tree_copy(module: nn.Module, params: dict, done: dict) -> nn.Module:
+    """Each module copied shallowly: its own attribute dict, with its own dicts of children, parameters,
+    buffers and hooks (what a pass changes: flags, swapped weights, forward overrides, hooks); any other
+    attribute (the lock deepcopy refused) is shared with the model's module."""
+    if id(module) in done:
+        return done[id(module)]
+    twin = done[id(module)] = copy.copy(module)
+    for name, value in module.__dict__.items():
+        if isinstance(value, dict) and name.startswith("_"):
+            twin.__dict__[name] = copy.copy(value)
+    twin._parameters.update({n: params.get(id(p), p) for n, p in module._parameters.items() if p is not None})
+    twin._modules.update({n: _tree_copy(c, params, done) for n, c in module._modules.items() if c is not None})
+    return twin

@@ -371,13 +371,18 @@ def test_the_cache_counts_an_attribution_run_by_its_tensors():
     assert nbytes(run) >= raw.nbytes + 1000 * 4
 
 
-def test_another_cell_sees_the_model_as_the_user_left_it_while_the_widget_computes(images, monkeypatch):
+@pytest.mark.parametrize("copyable", [True, False], ids=["deepcopy", "holds-a-lock"])
+def test_another_cell_sees_the_model_as_the_user_left_it_while_the_widget_computes(images, monkeypatch, copyable):
     """The widget computes in a background thread: a cell that saves, trains or inspects the model
     meanwhile must see its own state_dict (not folded weights), its requires_grad and train flags, no
-    hooks; a change made meanwhile is kept, and the maps follow the model's current weights."""
+    hooks; a change made meanwhile is kept, and the maps follow the model's current weights. A model that
+    deepcopy refuses (it holds a lock) gets a copy of its module tree: it used to be computed on itself."""
+    import threading
     from conftest import assert_same_view, user_view
     from nbexplain.context import Context
     model = nbx.load_model("synthetic-cnn").train()
+    if not copyable:
+        model.lock = threading.Lock()
     model.fc.weight.requires_grad_(False)
     before, passes = user_view(model), []
     real = Context.forward
