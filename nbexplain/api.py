@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import platform
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
@@ -14,7 +15,7 @@ from torch import nn
 from .methods import REGISTRY, get as get_method
 from ._errors import closest
 from .attribution import Attribution, display_map, normalise, on_image
-from .calls import eager, inputs_for
+from .calls import eager, inputs_for, probabilities
 from .context import Context
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
@@ -85,6 +86,8 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         raise ValueError(f"method {spec.name!r} needs a Vision Transformer: it reads timm-style attention "
                          f"modules (an 'attn_drop' after the softmax), and {type(model).__name__} has none. Use "
                          "'gradcam', 'integrated_gradients' or 'occlusion', which work on any model")
+    if isinstance(batch_size, np.integer):
+        batch_size = int(batch_size)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r}: expected a positive integer (samples per forward), "
                          "or None to choose one from the free memory")
@@ -109,6 +112,8 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         if logits is not None:
             ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
+        if not bool(raw.any()) and not ctx.meta.get("warnings"):   # a method that says why has said so
+            _warn_empty(ctx, spec.name)
         # a map on a ViT's patch grid that covers more (or less) than the input: where to lay it
         extent = grid_extent(model, tuple(raw.shape[1:]), tuple(x.shape[2:])) \
             if spec.kind != "pixel" and raw.ndim == 3 else None
@@ -117,6 +122,14 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         targets = ctx.targets                      # a method that never looked at x still gets them
         logits = ctx.logits
     return Run(spec, params, raw.detach(), targets.cpu(), logits.cpu(), ctx.meta, ctx.per_image, device)
+
+
+def _warn_empty(ctx: Context, method: str) -> None:
+    msg = (f"{method}: the map is zero everywhere, so it shows nothing; its settings may discard everything "
+           "(attention_rollout's discard_ratio, one SmoothGrad/VarGrad sample), or the score may not depend on "
+           "what it reads (a layer after the last one the head uses)")
+    warnings.warn(msg, stacklevel=4)
+    ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
 
 
 def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:
@@ -146,9 +159,13 @@ def _one_target(t: Any, classes: int, labels: Sequence[str] | None) -> int:
         if not labels:
             raise ValueError(f"target={t!r}: this model has no class names; pass labels=[...] or a class index")
         wanted = t.strip().lower()
-        for i, label in enumerate(labels):
-            if wanted == label.lower() or wanted in (s.strip().lower() for s in label.split(",")):
-                return i
+        found = [i for i, label in enumerate(labels) if wanted == label.strip().lower()] or \
+            [i for i, label in enumerate(labels) if wanted in (s.strip().lower() for s in label.split(","))]
+        if len(found) == 1:
+            return found[0]
+        if found:     # ImageNet has 19 such names: 'crane' is a bird (134) and a machine (517)
+            raise ValueError(f"target={t!r} names {len(found)} classes: "
+                             f"{', '.join(f'{i} ({labels[i]!r})' for i in found)}; pass the class index")
         synonyms = [s.strip() for label in labels for s in label.split(",")]
         raise ValueError(f"target={t!r}: no class of that name.{closest(t, synonyms)}")
     if isinstance(t, (bool, float)) or not isinstance(t, (int, np.integer)):
@@ -162,7 +179,7 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, wei
             ) -> list[Attribution]:
     """Split a batch run into per-image Attributions with display maps and provenance (``weights``: the
     key ``start_digest`` returned before the run)."""
-    probs = run.logits.float().softmax(1)
+    probs = probabilities(run.logits)
     k = min(TOPK, probs.shape[1])
     top_p, top_i = probs.topk(k, 1)
     reduce_, signed = run.meta.pop("display", (run.spec.reduce, run.spec.signed))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .api import attribute
 from .attribution import Attribution
-from .calls import call, eager, inputs_for
+from .calls import call, eager, inputs_for, probabilities
 from .hygiene import borrowed, model_device
 from .images import area_resize
 from .models import describe
@@ -553,7 +553,7 @@ def _target_probabilities(model: torch.nn.Module, exps: list[Attribution]) -> li
             for s in range(0, len(missing), 32):
                 idx = missing[s:s + 32]
                 x = inputs_for(model, torch.cat([exps[i].input for i in idx]))
-                probs = call(model, x).float().softmax(1).cpu()
+                probs = probabilities(call(model, x)).cpu()
                 for k, i in enumerate(idx):
                     out[i] = float(probs[k, exps[i].target])
     return [float(p) if p is not None else math.nan for p in out]
@@ -589,7 +589,7 @@ def batched_curves(model: torch.nn.Module, exps: list[Attribution], *, steps: in
             x = inputs_for(model, torch.cat(rows))
             targets = torch.tensor([exps[k].target for k in owners], device=device)
             with torch.no_grad():
-                p = call(model, x).float().softmax(1).gather(1, targets[:, None])[:, 0].cpu()
+                p = probabilities(call(model, x)).gather(1, targets[:, None])[:, 0].cpu()
             for k, v in zip(owners, p):
                 got.setdefault(k, []).append(v)
             for k in sorted(set(owners)):

@@ -59,4 +59,11 @@ def logits_of(out) -> torch.Tensor:
     if isinstance(found, torch.Tensor):
         return found
     raise TypeError(f"model: expected class scores (a tensor of shape (N, classes)), got {type(out).__name__}; "
-                    "wrap the model so its forward returns the logits, e.g. lambda x: model(x)['scores']")
+                    "wrap the model in a small nn.Module whose forward returns the logits, e.g. model(x)['scores']")
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, classes) scores -> probabilities: softmax over the classes, or the sigmoid of a binary model's
+    single logit (a softmax over one output is always 1)."""
+    logits = logits.float()
+    return logits.sigmoid() if logits.shape[-1] == 1 else logits.softmax(-1)

@@ -12,7 +12,7 @@ from PIL import Image
 from .methods import get as get_method
 from .api import Run, compute, package
 from .attribution import Attribution
-from .calls import call, inputs_for
+from .calls import call, inputs_for, probabilities
 from .context import Context
 from .hygiene import borrowed
 from .images import Prepared, area_resize, prepare, shrunk_size
@@ -169,7 +169,7 @@ class Session:
 
     def predictions(self, state: dict, k: int = 5) -> list[dict]:
         logits, _ = self.evaluate(state, "forward")
-        probs = logits.float().softmax(1)[0]
+        probs = probabilities(logits)[0]
         p, i = probs.topk(min(k, len(probs)))
         labels = self.info.labels
         return [{"index": int(j), "label": labels[j] if labels else str(int(j)), "prob": float(q)}

@@ -794,3 +794,20 @@ def test_imagenet_class_names_are_timms():
     out = nbx.attribute(make_model("resnet18"), make_input(1, 64)[0], "saliency", target=1)
     assert out.label == info.index_to_description(1) == "goldfish, Carassius auratus"
     assert [label for _, label, _ in out.probs] == [info.index_to_description(i) for i, _, _ in out.probs]
+
+
+def test_a_binary_model_with_one_logit_reports_its_sigmoid():
+    """A one-output classifier's probability is the sigmoid of its logit (a softmax over one output is 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1)).eval()
+    x = make_input(1, 32)[0]
+    out = nbx.attribute(model, x, "saliency")
+    (index, _, p), = out.probs
+    assert index == 0 and p == pytest.approx(float(torch.sigmoid(model(x[None])[0, 0])), rel=1e-5) and p < 1
+
+
+def test_a_map_that_is_zero_everywhere_comes_with_a_warning(cnn):
+    """VarGrad of one sample (the variance of one gradient) is zero: the user is told, not shown a blank map."""
+    with pytest.warns(UserWarning, match="vargrad: the map is zero everywhere"):
+        out = nbx.attribute(cnn, make_input(1, 64)[0], "vargrad", samples=1, target=1)
+    assert not out.raw.any() and "zero everywhere" in out.meta["warnings"][0]

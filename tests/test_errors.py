@@ -525,3 +525,10 @@ def test_a_tensor_the_model_cannot_take_keeps_the_models_error_with_the_fix_adde
         notes = " ".join(getattr(caught.value, "__notes__", []))
         assert "(1, 3, " in notes and "resized to the model's input size" in notes, method
     assert hook_count(vit) == 0 and not vit.training
+
+
+def test_a_class_name_shared_by_several_classes_is_refused(cnn):
+    """ImageNet's 'crane' is a bird (134) and a machine (517): picking the first silently was wrong."""
+    with pytest.raises(ValueError, match=r"target='crane' names 2 classes: 134 \('crane'\), 517 \('crane'\); pass"):
+        nbx.attribute(cnn, X, "saliency", target="crane")
+    assert nbx.attribute(cnn, X, "saliency", target="Goldfish ").target == 1     # a unique name still works

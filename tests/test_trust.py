@@ -38,6 +38,15 @@ def test_randomization_flags_a_weight_independent_map_and_passes_gradients(cnn, 
     assert len(independent.scores["saliency"]["ssim"]) == len(independent.steps)
 
 
+def test_randomization_does_not_pass_a_method_whose_map_is_empty(cnn, batch):
+    """VarGrad of one sample is zero everywhere: a constant map correlates with nothing (Spearman 0),
+    which used to read as a pass."""
+    report = trust.randomization_test(cnn, batch["images"][0], ["vargrad", "saliency"],
+                                      params={"vargrad": {"samples": 1}})
+    assert report.empty == ["vargrad"] and not report.passed["vargrad"] and report.passed["saliency"]
+    assert "vargrad: FAIL (its map of the trained model is constant" in report.reading()
+
+
 def test_gradcam_and_ig_beat_a_random_map_on_deletion_and_insertion(cnn, batch):
     rng = np.random.default_rng(0)
     scores = {"gradcam": [], "integrated_gradients": [], "random": []}

@@ -28,12 +28,17 @@ class RandomizationReport:
     scores: dict[str, dict[str, list[float]]]
     threshold: float = THRESHOLD
     passed: dict[str, bool] = field(default_factory=dict)
+    empty: list[str] = field(default_factory=list)    # methods whose original map is constant: no verdict
 
     def reading(self) -> str:
         when = "once every layer is randomised" if self.mode == "cascading" else "for at least one layer"
         lines = [f"{self.mode} randomisation; a method passes when the Spearman correlation of |map| with "
                  f"the original drops below {self.threshold} {when}"]
         for m, ok in self.passed.items():
+            if m in self.empty:
+                lines.append(f"  {m}: FAIL (its map of the trained model is constant, so there is nothing to "
+                             "compare: check the method's settings or layer first)")
+                continue
             final = self.scores[m]["spearman_abs"][-1 if self.mode == "cascading" else
                                                     int(np.argmin(self.scores[m]["spearman_abs"]))]
             lines.append(f"  {m}: {'PASS' if ok else 'FAIL'} (Spearman of |map| = {final:.2f})"
@@ -108,7 +113,10 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
     report = RandomizationReport(mode, groups, scores)
     # cascading: judged once everything is random; independent: by the layer that matters most
     final = (lambda v: v[-1]) if mode == "cascading" else min
-    report.passed = {m: bool(final(scores[m]["spearman_abs"]) < THRESHOLD) for m in methods} if groups else {}
+    # a constant map correlates with nothing (Spearman 0), which must not read as a pass
+    report.empty = [m for m in methods if not np.ptp(np.nan_to_num(np.asarray(originals[m].map, dtype=float)))]
+    report.passed = {m: m not in report.empty and bool(final(scores[m]["spearman_abs"]) < THRESHOLD)
+                     for m in methods} if groups else {}
     return report
 
 
