@@ -4,7 +4,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import platform
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
@@ -125,11 +124,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
 
 
 def _warn_empty(ctx: Context, method: str) -> None:
-    msg = (f"{method}: the map is zero everywhere, so it shows nothing; its settings may discard everything "
-           "(attention_rollout's discard_ratio, one SmoothGrad/VarGrad sample), or the score may not depend on "
-           "what it reads (a layer after the last one the head uses)")
-    warnings.warn(msg, stacklevel=4)
-    ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
+    ctx.warn(f"{method}: the map is zero everywhere, so it shows nothing; its settings may discard everything "
+             "(attention_rollout's discard_ratio, one SmoothGrad/VarGrad sample), or the score may not depend on "
+             "what it reads (a layer after the last one the head uses)", stacklevel=4)
 
 
 def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:

@@ -1,6 +1,7 @@
 """What a method sees while it runs: the model, the batch, targets, and the passes it may ask for."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .calls import call
-from .hygiene import forward_hooks, hooked, unfused_attention
+from .hygiene import forward_hooks, hooked, modules_of, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, token_layout
 from .folding import folded, folded_weights
@@ -159,7 +160,7 @@ class Context:
     def swaps_allowed(self) -> bool:
         """Whether a pass may swap weights or forwards (folding, the stem sum, the ViT tail) for its duration:
         gradient checkpointing recomputes segments in the backward with the modules as they are then."""
-        return not any(getattr(m, "grad_checkpointing", False) is True for m in self.model.modules())
+        return not any(getattr(m, "grad_checkpointing", False) is True for m in modules_of(self.model))
 
     @cached_property
     def tail(self):
@@ -170,6 +171,12 @@ class Context:
     def stem(self) -> nn.Conv2d | None:
         """The model's linear input conv (``stem.input_stem``), looked up once per call."""
         return input_stem(self.model, self.x, self.logits)
+
+    def warn(self, msg: str, stacklevel: int = 2) -> None:
+        """A warning now, and in the result's ``meta['warnings']`` (once: a method may run per chunk)."""
+        warnings.warn(msg, stacklevel=stacklevel + 1)
+        if msg not in self.meta.get("warnings", ()):
+            self.meta["warnings"] = (*self.meta.get("warnings", ()), msg)   # a tuple: a list would be split per image
 
     def report(self, fraction: float) -> None:
         if self.progress is not None and not self._quiet:
@@ -236,7 +243,7 @@ class Context:
                 raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
             for layer in layers:
                 got_shape = channels_first(modules[layer.name], outputs[layer.name], self.model).shape
-                checked(self.model, layer, tuple(got_shape), tuple(self.x.shape))
+                checked(self.model, layer, modules[layer.name], tuple(got_shape), tuple(self.x.shape))
             grads = None
             wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
             if gradients or input_grad:

@@ -331,12 +331,13 @@ def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
     return (big or convs or layers)[-1]
 
 
-def checked(model: nn.Module, layer: Layer, shape: tuple, input_shape: tuple[int, ...]) -> Layer:
+def checked(model: nn.Module, layer: Layer, module: nn.Module, shape: tuple, input_shape: tuple[int, ...]
+            ) -> Layer:
     """``layer`` once its output's (channels-first) ``shape`` is seen: an unchecked name becomes its Layer,
     or the error ``resolve`` gives for a module without a map per image."""
     if layer.kind != UNCHECKED:
         return layer
-    found = reading(model, layer.name, dict(model.named_modules())[layer.name], shape, input_shape)
+    found = reading(model, layer.name, module, shape, input_shape)
     if found is None:
         resolve(model, input_shape, layer.name)     # probes, and raises the error that names the fix
         raise ValueError(f"layer {layer.name!r}: its output {tuple(shape)} is not a map per image at this "

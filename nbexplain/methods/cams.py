@@ -1,7 +1,6 @@
 """The CAM family: each method weighs a layer's activations A (N,C,h,w), mostly by their gradients G."""
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import torch
@@ -34,8 +33,7 @@ def _no_gradient_here(ctx: Context, name: str) -> None:
     msg = (f"{name}: the target's gradient is zero at every position of layer {ctx.meta['layer']!r}, so the map "
            "is empty; the score does not read this layer's positions directly (a ViT's last block when the "
            "head reads only the class token): pick an earlier layer, e.g. that block's norm1")
-    warnings.warn(msg, stacklevel=4)
-    ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
+    ctx.warn(msg, stacklevel=4)
 
 
 def _weighted(acts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

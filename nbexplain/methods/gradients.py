@@ -1,7 +1,6 @@
 """Plain gradient methods: saliency, gradient x input, guided backprop."""
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import nn
@@ -36,10 +35,7 @@ def _guided_backprop(ctx: Context, xs: torch.Tensor, targets: torch.Tensor) -> t
     if not any(isinstance(m, (nn.ReLU, nn.ReLU6)) for m in ctx.model.modules()):
         msg = ("guided_backprop: the model has no nn.ReLU/ReLU6 modules (e.g. a GELU ViT), so guided "
                "backprop here equals the plain gradient ('saliency')")
-        warnings.warn(msg, stacklevel=2)
-        # a tuple, once: api.package splits lists as one value per image; SmoothGrad calls this per chunk
-        if msg not in ctx.meta.get("warnings", ()):
-            ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
+        ctx.warn(msg, stacklevel=2)            # SmoothGrad calls this per chunk: recorded once
     return ctx.input_grads(xs, targets, hooks=lambda: guided_relus(ctx.model))[0]
 
 

@@ -1,7 +1,6 @@
 """Integrated Gradients with captum's quadrature rules, completeness delta and nested-grid refinement."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
@@ -138,8 +137,7 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
     if steps == "auto" and not converged:
         msg = (f"integrated_gradients: steps='auto' stopped at {n} steps without reaching tolerance={tolerance} "
                f"(relative delta {max(relative.tolist()):.3g}); the map is less reliable than asked")
-        warnings.warn(msg, stacklevel=3)
-        ctx.meta["warnings"] = (*ctx.meta.get("warnings", ()), msg)
+        ctx.warn(msg, stacklevel=3)
     ctx.meta["steps"] = n
     ctx.per_image.update(delta=delta.tolist(), relative_delta=relative.tolist(),
                     f_x=f_x.tolist(), f_baseline=f_b.tolist())
