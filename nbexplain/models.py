@@ -110,7 +110,7 @@ def imagenet_labels(model: nn.Module) -> tuple[str, ...] | None:
 @functools.lru_cache(maxsize=1)
 def _imagenet_names() -> tuple[str, ...]:
     """timm's lemma for each ImageNet-1k synset. Read from timm's files directly: its ``ImageNetInfo`` also
-    parses the 1.7 MB definitions file (50 ms of a first call), which names do not need."""
+    parses the 1.7 MB definitions file (~40 ms of a first call), which names do not need."""
     import pkgutil
     try:
         read = lambda name: pkgutil.get_data("timm.data", f"_info/{name}").decode("utf-8")   # noqa: E731
@@ -282,8 +282,9 @@ def weights_digest(model: nn.Module, key: tuple | None = None) -> str:
 def start_digest(model: nn.Module) -> tuple:
     """Begin ``weights_digest`` in a worker thread, so that it overlaps the attribution's passes (hashlib
     releases the GIL; on a GPU the CPU is idle meanwhile). The tensors are taken now: a pass that swaps a
-    module's weights (BatchNorm folding) does not touch them, and a tensor changed in place before the
-    digest is read changes the key, so ``weights_digest`` hashes again."""
+    module's weights (BatchNorm folding) does not touch them. Returns the key (the tensors' versions): read
+    with it, the digest is of the weights as this call found them; read without, a tensor changed in place
+    since then changes the key, so ``weights_digest`` hashes again."""
     global _HASHER
     key = tensor_versions(model)
     hit = _DIGESTS.get(model)

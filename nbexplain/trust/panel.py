@@ -258,7 +258,7 @@ class TrustPanel(ipywidgets.VBox):
             rows.append(f"<li><b>{html.escape(m)}</b>: <b style='color:{colour}'>{'PASS' if ok else 'FAIL'}</b> "
                         f"({'final' if r.mode == 'cascading' else 'lowest'} Spearman of |map| = {final:.2f}, "
                         f"threshold {r.threshold})"
-                        + ("" if ok else " — the map barely depends on the weights: treat it with suspicion")
+                        + ("" if ok else f" — {html.escape(r.why(m))}")
                         + "</li>")
         c = self.curves
         faith = "".join(f"<li>{html.escape(m)}: deletion AUC {c[m].deletion_auc:.3f}, insertion AUC "

@@ -36,14 +36,20 @@ class RandomizationReport:
                  f"the original drops below {self.threshold} {when}"]
         for m, ok in self.passed.items():
             if m in self.empty:
-                lines.append(f"  {m}: FAIL (its map of the trained model is constant, so there is nothing to "
-                             "compare: check the method's settings or layer first)")
+                lines.append(f"  {m}: FAIL ({self.why(m)})")
                 continue
             final = self.scores[m]["spearman_abs"][-1 if self.mode == "cascading" else
                                                     int(np.argmin(self.scores[m]["spearman_abs"]))]
             lines.append(f"  {m}: {'PASS' if ok else 'FAIL'} (Spearman of |map| = {final:.2f})"
-                         + ("" if ok else " — the map barely depends on the weights: treat it with suspicion"))
+                         + ("" if ok else f" — {self.why(m)}"))
         return "\n".join(lines)
+
+    def why(self, method: str) -> str:
+        """Why ``method`` failed ('' when it passed); the trust panel shows the same words."""
+        if method in self.empty:
+            return ("its map of the trained model is constant, so there is nothing to compare: check the "
+                    "method's settings or layer first")
+        return "" if self.passed.get(method) else "the map barely depends on the weights: treat it with suspicion"
 
     def plot(self, metric: str = "spearman_abs"):
         """A bqplot line chart: similarity per randomised layer, one line per method."""
