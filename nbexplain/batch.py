@@ -412,6 +412,8 @@ class _Source:
                 self.names = files
             else:
                 self.items, self.names = [path], [os.path.basename(path)]
+        elif isinstance(images, torch.Tensor) and images.ndim in (3, 4) and not images.is_floating_point():
+            self.items = _as_images(images)     # uint8 pixels (NCHW or NHWC), as in a DataLoader batch
         elif isinstance(images, torch.Tensor):
             self.tensor = images if images.ndim == 4 else images[None]
         elif isinstance(images, np.ndarray):

@@ -125,6 +125,11 @@ def _pil_to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img).astype(np.float64)
         if not np.isfinite(arr).all():
             raise ValueError(f"image: the {img.mode}-mode picture holds NaN or Inf values")
+        if arr.min() < -1e-6:
+            # normalised data (a float image in [-1, 1]): clipping would silently black out its lower half
+            raise ValueError(f"image: the {img.mode}-mode picture holds negative values ({arr.min():.3g}.."
+                             f"{arr.max():.3g}); pixels run 0..1, 0..255 or 0..65535: rescale them, or pass the "
+                             "normalised data as a preprocessed (N,C,H,W) tensor")
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             hi = 1.0
@@ -225,9 +230,13 @@ def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:
                         "pass uint8 pixels as a numpy HWC array instead")
     if not torch.isfinite(t).all():
         raise ValueError("images: the tensor contains NaN or infinite values")
-    if preprocess is not None and t.shape[1] != preprocess.channels:
-        raise ValueError(f"images: the model expects {preprocess.channels} channels, the tensor has "
-                         f"{t.shape[1]} (shape {tuple(t.shape)}); is it NHWC? use t.permute(0, 3, 1, 2)")
+    n = preprocess.channels if preprocess is not None else None
+    if n is not None and t.shape[1] != n:
+        # the permute is the fix only when the channels sit last; otherwise it would mislead
+        fix = "is it NHWC? use t.permute(0, 3, 1, 2)" if t.shape[-1] == n else \
+            f"pass a (N,{n},H,W) tensor" + (", or the picture itself to have it converted" if n in (1, 3) else "")
+        raise ValueError(f"images: the model expects {n} channel{'s' if n != 1 else ''}, the tensor has "
+                         f"{t.shape[1]} (shape {tuple(t.shape)}); {fix}")
     t = t.detach().clone() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
     return Prepared(t, [None] * t.shape[0], [None] * t.shape[0])
 

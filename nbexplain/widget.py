@@ -72,6 +72,16 @@ def _array(a: np.ndarray, **extra: Any) -> dict:
     return _Message(data=memoryview(a).cast("B"), dtype=str(a.dtype), shape=list(a.shape), **extra)
 
 
+class _LayerName(t.Unicode):
+    """A layer's name; a module of the explained model (``w.layer = model.layer4``) becomes its name, as in
+    ``nbx.explain(..., layer=module)`` (the frontend syncs strings only)."""
+
+    def validate(self, obj: Any, value: Any) -> str:
+        if isinstance(value, nn.Module):
+            value = layer_name(obj._session.model, value)
+        return super().validate(obj, value)
+
+
 class ExplorerView(anywidget.AnyWidget):
     """The anywidget: image + heatmap canvas and the controls (frontend in js/)."""
 
@@ -81,7 +91,7 @@ class ExplorerView(anywidget.AnyWidget):
     # what to explain
     image = t.Int(0).tag(sync=True)
     method = t.Unicode("gradcam").tag(sync=True)
-    layer = t.Unicode("").tag(sync=True)
+    layer = _LayerName("").tag(sync=True)
     target = t.Int(-1).tag(sync=True)
     compare = t.List(t.Unicode()).tag(sync=True)
     model_version = t.Int(0).tag(sync=True)
@@ -393,8 +403,6 @@ def explain(model: Any = None, images: Any = None, *, labels: Sequence[str] | No
     if model is None or isinstance(model, str):
         model = load_model(model, pretrained=isinstance(model, str) and not model.startswith("synthetic"))
     model = eager(model)
-    if isinstance(controls.get("layer"), nn.Module):
-        controls["layer"] = layer_name(model, controls["layer"])
     info = describe(model, preprocess, labels)
     if images is None:
         images = [sample_image(n) for n in ("cat", "coffee", "astronaut", "rocket")]

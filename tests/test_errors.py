@@ -241,6 +241,19 @@ def test_wrong_channel_count(cnn):
         nbx.attribute(cnn, torch.randn(1, 64, 64, 3), "saliency")
 
 
+def test_a_gray_model_given_an_rgb_tensor_is_not_told_to_permute():
+    """An NCHW RGB tensor for a 1-channel model: the NHWC hint would be wrong (the channels are where they
+    belong), and '1 channels' read badly."""
+    gray = make_model("test_resnet", in_chans=1)
+    with pytest.raises(ValueError) as caught:
+        nbx.attribute(gray, torch.randn(1, 3, 64, 64), "saliency")
+    message = str(caught.value)
+    assert "expects 1 channel, the tensor has 3" in message and "permute" not in message
+    assert "pass a (N,1,H,W) tensor, or the picture itself" in message
+    with pytest.raises(ValueError, match=r"expects 1 channel, .*is it NHWC\? use t\.permute\(0, 3, 1, 2\)"):
+        nbx.attribute(gray, torch.randn(1, 64, 64, 1), "saliency")
+
+
 def test_wrong_rank_and_dtype(cnn):
     with pytest.raises(ValueError, match=r"images: a tensor must be \(N,C,H,W\)"):
         nbx.attribute(cnn, torch.randn(64, 64), "saliency")
@@ -398,7 +411,12 @@ def test_occlusion_stride_larger_than_patch(cnn):
 
 @pytest.mark.parametrize("block,head,pattern", [(6, -1, r"block=6 out of range.*6 blocks"),
                                                 (-7, -1, r"block=-7 out of range"),
-                                                (0, 2, r"head=2 out of range.*2 heads")])
+                                                (0, 2, r"head=2 out of range.*2 heads"),
+                                                # beyond the widget slider's range: still the model's counts
+                                                (99, -1, r"block=99 out of range.*6 blocks"),
+                                                (-99, -1, r"block=-99 out of range.*6 blocks"),
+                                                (0, 99, r"head=99 out of range.*2 heads"),
+                                                (0, -5, r"head=-5 out of range.*2 heads.*-1 to fuse")])
 def test_attention_block_and_head_out_of_range(vit, block, head, pattern):
     with pytest.raises(ValueError, match=pattern):
         nbx.attribute(vit, X, "attention", block=block, head=head)
@@ -493,6 +511,16 @@ def test_float_array_out_of_range(cnn, bad):
     a[0, 0, 0] = bad
     with pytest.raises(ValueError, match=r"image: float arrays must hold pixels in \[0, 1\]"):
         nbx.attribute(cnn, a, "saliency")
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_negative_float_and_int_pictures_are_refused_not_clipped(cnn, mode):
+    """As float arrays outside [0, 1] are: an F image of normalised data lost its lower half to black."""
+    a = np.linspace(-1, 1, 32 * 32).reshape(32, 32)
+    img = Image.fromarray(a.astype(np.float32) if mode == "F" else (a * 200).astype(np.int32), mode)
+    with pytest.raises(ValueError, match=rf"image: the {mode}-mode picture holds negative values \(-.*\); "
+                                         r"pixels run 0\.\.1, 0\.\.255 or 0\.\.65535"):
+        nbx.attribute(cnn, img, "saliency")
 
 
 def test_array_layout_and_dtype_errors(cnn):

@@ -78,6 +78,21 @@ def test_batch_over_a_list_a_folder_and_a_dataloader_gives_the_same_per_image_re
         assert a.target == b.target == c.target
 
 
+def test_a_uint8_tensor_is_taken_as_pixels_as_in_a_dataloader_batch(cnn, small):
+    """The docstring says uint8 tensors are pixels: a tensor passed directly was refused as not float."""
+    listed = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
+    nhwc = torch.from_numpy(small["images"])
+    nchw = nhwc.permute(0, 3, 1, 2)
+    kept = nchw.clone()
+    for pixels in (nchw, nhwc, nchw[0]):
+        out = explain_batch(cnn, pixels, "saliency", progress=False)
+        assert len(out) == (5 if pixels.ndim == 4 else 1)
+        for a, b in zip(listed, out):
+            np.testing.assert_allclose(a.map, b.map, atol=1e-6)                 # one batch vs another
+            assert np.array_equal(b.image, a.image)
+    assert torch.equal(nchw, kept)                                          # the user's tensor is untouched
+
+
 def test_targets_masks_and_errors(cnn, small):
     r = explain_batch(cnn, small["images"], "saliency", target=[1, 2, 3, 0, 1], masks=small["object_mask"],
                       progress=False)

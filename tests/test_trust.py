@@ -197,6 +197,30 @@ def test_method_lists_are_checked_before_any_map_is_computed(mixed, batch, monke
         _rejected(mixed, lambda: check(mixed, img, ["saliency", "gradcma"]), ValueError, r"Did you mean: 'gradcam'")
 
 
+@pytest.mark.filterwarnings("ignore:methods disagree")
+def test_a_pixel_baseline_on_a_bare_module_names_the_fixes_the_trust_checks_take():
+    """IG's default baseline (black pixels) needs mean/std. The trust checks take no ``preprocess=``, so
+    their error names the two routes that work there, and both do."""
+    def bare():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    m, x, pre = bare(), torch.randn(3, 16, 16), nbx.Preprocess(size=16)
+    routes = r"take no preprocess=.*nbx\.load_model\(model, preprocess=.*params=\{'integrated_gradients': " \
+             r"\{'preprocess': .*\{'baseline': 'zeros'\}"
+    for check in (lambda: trust.randomization_test(m, x, ["integrated_gradients"], groups=["4"]),
+                  lambda: trust.agreement(m, x, ["saliency", "integrated_gradients"])):
+        _rejected(m, check, ValueError, r"integrated_gradients: baseline='black' is defined in pixels.*" + routes)
+    with pytest.raises(ValueError, match=r"pass preprocess=nbx\.Preprocess\(\.\.\.\) \(or .*nbx\.load_model"):
+        nbx.attribute(m, x, "integrated_gradients")          # attribute itself does take preprocess=
+    params = {"integrated_gradients": {"preprocess": pre, "steps": 4}}
+    assert trust.agreement(m, x, ["saliency", "integrated_gradients"], params=params).matrix.shape == (2, 2)
+    loaded = nbx.load_model(bare(), preprocess=pre)
+    report = trust.randomization_test(loaded, x, ["integrated_gradients"], groups=["4"],
+                                      params={"integrated_gradients": {"steps": 4}})
+    assert report.steps == ["4"]
+
+
 def test_randomization_refuses_groups_without_parameters_and_lists_those_with(mixed, batch):
     img = batch["images"][0]
     _rejected(mixed, lambda: trust.randomization_test(mixed, img, ["saliency"], groups=["act1"]),
@@ -226,10 +250,34 @@ def test_deletion_insertion_checks_its_arguments_up_front(mixed, batch):
     _rejected(mixed, lambda: trust.deletion_insertion(mixed, [e, e]), TypeError,
               r"exp: expected an Attribution .*got list; .*nbx\.explain_batch\(model, images, faithfulness=True\)")
     two_classes = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)).train()
-    _rejected(two_classes, lambda: trust.deletion_insertion(two_classes, e), ValueError,
-              r"exp: its target 3 is out of range for this model's 2 classes; .*the model it was computed on")
+    with pytest.warns(UserWarning, match="other weights"):              # another model: said twice
+        _rejected(two_classes, lambda: trust.deletion_insertion(two_classes, e), ValueError,
+                  r"exp: its target 3 is out of range for this model's 2 classes; .*the model it was computed on")
     steps1 = trust.deletion_insertion(mixed, e, steps=1, batch_size=1)    # the smallest valid call still runs
     assert steps1.deletion.shape == (2,) and steps1.insertion.shape == (2,)
+
+
+def test_deletion_insertion_refuses_an_attribution_of_a_model_with_other_channels():
+    """An attribution of a 1-channel model given with a 4-channel one failed inside torch's conv; the same
+    architecture with other weights is legitimate (fine-tuned since) but worth a warning."""
+    import warnings
+
+    def model(channels, seed=0):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Conv2d(channels, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+        return nbx.load_model(net, preprocess=nbx.Preprocess(size=16, mean=(0.5,) * channels, std=(0.5,) * channels))
+    gray, four = model(1), model(4)
+    e = nbx.attribute(gray, torch.randn(1, 16, 16), "saliency")
+    _rejected(four, lambda: trust.deletion_insertion(four, e, steps=2), ValueError,
+              r"exp: its input has 1 channel, but this model takes 4: the attribution was computed on another "
+              r"model .*Pass the model it was computed on, or recompute it with nbx\.attribute\(model, \.\.\.\)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trust.deletion_insertion(gray, e, steps=2)                        # its own model: silent
+    with pytest.warns(UserWarning, match=r"exp was computed with other weights than this model's"):
+        curves = trust.deletion_insertion(model(1, seed=1), e, steps=2)
+    assert curves.deletion.shape == (3,)
 
 
 def test_shortcut_flags_refuse_mismatched_or_empty_input():

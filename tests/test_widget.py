@@ -79,6 +79,21 @@ def test_layer_switch_for_a_cam_runs_no_model_pass(cnn, images):
     w.close()
 
 
+def test_a_layer_set_as_a_module_becomes_its_name(cnn, images):
+    """``nbx.explain(..., layer=module)`` was accepted but ``w.layer = module`` raised a bare TraitError."""
+    import copy
+    w = nbx.explain(cnn, images, method="gradcam", layer=cnn.layer1)
+    w.wait()
+    assert w.layer == "layer1"
+    w.layer = cnn.layer3
+    w.wait()
+    assert w.layer == "layer3" and w.layer_used == "layer3"
+    with pytest.raises(ValueError, match="not a module of this model"):
+        w.layer = copy.deepcopy(cnn.layer3)
+    assert w.layer == "layer3"
+    w.close()
+
+
 def test_cam_results_equal_the_direct_api(cnn, images):
     w = nbx.explain(cnn, images, method="xgradcam", layer=cnn.layer3, target=2)   # a module works as a name
     w.wait()

@@ -27,6 +27,9 @@ class Param:
     choices: tuple = ()
     special: tuple = ()                          # extra accepted values, e.g. "auto" for steps
     tensor: bool = False                         # a tensor is also accepted (e.g. a custom IG baseline)
+    # the real range is the model's (a ViT's blocks, heads): the method checks it and names the model's
+    # count; min/max only size the widget's slider
+    model_range: bool = False
 
     def validate(self, method: str, value: Any) -> Any:
         if isinstance(value, np.ndarray) and value.ndim > 0:
@@ -58,6 +61,8 @@ class Param:
             extra = f" or {', '.join(map(repr, self.special))}" if self.special else ""
             raise TypeError(f"{where}: expected {'an integer' if self.type == 'int' else 'a number'}{extra}")
         value = int(value) if self.type == "int" else float(value)
+        if self.model_range:
+            return value
         if not math.isfinite(value) or (self.min is not None and value < self.min) or \
                 (self.max is not None and value > self.max):
             raise ValueError(f"{where}: must be within [{self.min}, {self.max}]")

@@ -8,8 +8,8 @@ from ..layers import TokenLayout, core, token_layout
 from . import Param, register
 
 FUSIONS = ("mean", "max", "min")
-_BLOCK = Param("block", "int", -1, "transformer block (-1: the last)", -64, 63, 1)
-_HEAD = Param("head", "int", -1, "attention head (-1: fuse all heads)", -1, 63, 1)
+_BLOCK = Param("block", "int", -1, "transformer block (-1: the last)", -64, 63, 1, model_range=True)
+_HEAD = Param("head", "int", -1, "attention head (-1: fuse all heads)", -1, 63, 1, model_range=True)
 _FUSION = Param("fusion", "choice", "mean", "how heads are fused", choices=FUSIONS)
 _DISCARD = Param("discard_ratio", "float", 0.9, "share of the weakest attention links dropped per block "
                  "(keeps the class token)", 0.0, 0.99, 0.01)
@@ -132,7 +132,7 @@ def attention(ctx: Context, block: int, head: int, fusion: str) -> torch.Tensor:
     if isinstance(layout, str):
         raise ValueError(f"attention: block {i} ({names[i]}) has {layout}, which does not lie on the patch "
                          f"grid. {_instead([reading(ctx, m) for m in maps])}")
-    if head >= a.shape[1]:
+    if not -1 <= head < a.shape[1]:
         raise ValueError(f"attention: head={head} out of range; block {block} has {a.shape[1]} heads "
                          "(0..{}, or -1 to fuse them)".format(a.shape[1] - 1))
     ctx.meta["layer"] = f"block {i}"

@@ -26,8 +26,19 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(y, k[radius - pad_h:radius + pad_h + 1].view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def make_baseline(x: torch.Tensor, kind, preprocess, seed: int = 0) -> torch.Tensor:
-    """A baseline shaped like ``x`` (model-input space)."""
+class NeedsPreprocess(ValueError):
+    """A pixel-defined baseline or fill on a model without mean/std. Its own type, because the fix
+    depends on the route: the trust helpers take no ``preprocess=`` and reword it (trust/agreement.py)."""
+
+    def __init__(self, param: str, kind: str) -> None:
+        self.param, self.kind = param, kind
+        super().__init__(f"{param}={kind!r} is defined in pixels, but this model carries no preprocessing "
+                         "(mean/std); pass preprocess=nbx.Preprocess(...) (or load the model with "
+                         f"nbx.load_model(model, preprocess=nbx.Preprocess(...))), or use {param}='zeros'")
+
+
+def make_baseline(x: torch.Tensor, kind, preprocess, seed: int = 0, param: str = "baseline") -> torch.Tensor:
+    """A baseline shaped like ``x`` (model-input space); ``param``: the argument it came from, for errors."""
     if isinstance(kind, torch.Tensor):
         try:
             return torch.broadcast_to(kind.to(x.device, x.dtype), x.shape).clone()
@@ -41,8 +52,7 @@ def make_baseline(x: torch.Tensor, kind, preprocess, seed: int = 0) -> torch.Ten
     if kind == "blur":
         return gaussian_blur(x, max(x.shape[2:]) / 16)
     if preprocess is None:
-        raise ValueError(f"baseline={kind!r} is defined in pixels, but this model carries no preprocessing "
-                         "(mean/std); pass preprocess=nbx.Preprocess(...) or baseline='zeros'")
+        raise NeedsPreprocess(param, kind)
     if kind in ("black", "white"):
         return preprocess.normalize(torch.full_like(x[:1], 0.0 if kind == "black" else 1.0)).expand_as(x).clone()
     if kind == "uniform":

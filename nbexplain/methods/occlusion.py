@@ -33,7 +33,7 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
     x, t = ctx.x, ctx.targets
     n, _, h, w = x.shape
     ph, pw = min(patch, h), min(patch, w)
-    filled = make_baseline(x, fill, ctx.preprocess)
+    filled = make_baseline(x, fill, ctx.preprocess, param="fill")
     spots = [(y, xx) for y in windows(h, ph, stride) for xx in windows(w, pw, stride)]
     base = ctx.logits.gather(1, t[:, None])[:, 0]            # the pass that chose the targets
     total = torch.zeros(n, 1, h, w, device=x.device)

@@ -10,6 +10,7 @@ import torch
 
 from ..api import attribute
 from ..methods import get as get_method
+from ..methods.baselines import NeedsPreprocess
 from .similarity import spearman
 
 DISAGREE_BELOW = 0.3
@@ -51,8 +52,7 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
     params = params or {}
     exps = []
     for m in methods:
-        exps.append(attribute(model, image, m, target=target if not exps else exps[0].target,
-                              **params.get(m, {})))
+        exps.append(explain_one(model, image, m, target if not exps else exps[0].target, params))
     n = len(methods)
     matrix = np.eye(n)
     for i in range(n):
@@ -63,6 +63,20 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
         warnings.warn(f"methods disagree: mean rank correlation {result.mean_offdiagonal:.2f} < {DISAGREE_BELOW} "
                       f"for {', '.join(methods)}; no single map should be trusted here", stacklevel=2)
     return result
+
+
+def explain_one(model, image: Any, method: str, target: Any, params: dict[str, dict]):
+    """``attribute`` as the trust helpers call it: method settings come from ``params``, and an error that
+    advises ``preprocess=`` (which these helpers do not take) names the routes that do work here."""
+    try:
+        return attribute(model, image, method, target=target, **params.get(method, {}))
+    except NeedsPreprocess as e:
+        raise ValueError(
+            f"{method}: {e.param}={e.kind!r} is defined in pixels, but this model carries no preprocessing "
+            "(mean/std). The trust checks take no preprocess= argument: load the model with "
+            "nbx.load_model(model, preprocess=nbx.Preprocess(...)), or pass "
+            f"params={{{method!r}: {{'preprocess': nbx.Preprocess(...)}}}} (or {{{method!r}: "
+            f"{{{e.param!r}: 'zeros'}}}})") from None
 
 
 def one_image(image: Any, check: str) -> Any:

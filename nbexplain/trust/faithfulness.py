@@ -1,6 +1,7 @@
 """Faithfulness: deletion/insertion curves and their AUC; pointing games against a ground-truth mask."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from ..attribution import Attribution, display_map
 from ..calls import call, eager, inputs_for
 from ..hygiene import borrowed
 from ..methods.baselines import gaussian_blur
+from ..models import describe, weights_digest
 
 
 @dataclass
@@ -58,10 +60,32 @@ def deletion_insertion(model, exp: Attribution, *, saliency: np.ndarray | torch.
     if exp.input is None:
         raise ValueError("deletion_insertion: the attribution carries no model input")
     x = exp.input
+    _check_model(eager(model), exp)
     rank_map = _saliency(saliency, tuple(x.shape[2:])) if saliency is not None else input_map(exp)
     fractions = np.linspace(0, 1, steps + 1)
     probs = _probabilities(model, perturbed(x, rank_map, fractions, fill), exp.target, batch_size)
     return Curves(fractions, probs[:steps + 1], probs[steps + 1:], fill)
+
+
+def _check_model(model, exp: Attribution) -> None:
+    """Is ``exp`` an attribution of ``model``? Same weights: yes. Other weights and another channel count:
+    its input cannot enter the model (torch would fail deep inside the first conv). Other weights only
+    (fine-tuned since, or a sibling model): the curves still mean something, but rarely what was meant."""
+    recorded = exp.meta.get("weights_sha256")
+    if recorded is None or recorded == weights_digest(model):
+        return
+    pre = describe(model).preprocess
+    if pre is not None and pre.channels != exp.input.shape[1]:
+        raise ValueError(f"exp: its input has {_count(exp.input.shape[1], 'channel')}, but this model takes "
+                         f"{pre.channels}: the attribution was computed on another model ({exp.meta.get('model')}). "
+                         "Pass the model it was computed on, or recompute it with nbx.attribute(model, ...)")
+    warnings.warn(f"exp was computed with other weights than this model's ({exp.meta.get('model')}, sha256 "
+                  f"{recorded[:12]}…): the curves show how this model responds to that map. Pass the model it "
+                  "was computed on, or recompute it with nbx.attribute(model, ...)", stacklevel=3)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _positive_int(name: str, value, meaning: str) -> None:

@@ -16,10 +16,9 @@ from typing import Any, Sequence
 import ipywidgets
 import numpy as np
 
-from ..api import attribute
 from ..calls import eager
 from ..replica import Replica
-from .agreement import DISAGREE_BELOW, Agreement, method_names, one_image
+from .agreement import DISAGREE_BELOW, Agreement, explain_one, method_names, one_image
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
 from .similarity import spearman
@@ -191,7 +190,7 @@ class TrustPanel(ipywidgets.VBox):
         exps: dict = {}
         for m in methods:
             target = self.target if not exps else next(iter(exps.values())).target
-            exps[m] = attribute(model, self.image, m, target=target, **self.params.get(m, {}))
+            exps[m] = explain_one(model, self.image, m, target, self.params)
         self.attributions = exps
         first = exps[methods[0]]
         self.title.value = self._title(self.title_name(), first.label or str(first.target))

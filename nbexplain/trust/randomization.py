@@ -13,7 +13,7 @@ from .._errors import closest
 from ..api import attribute
 from ..calls import eager
 from ..models import describe, register
-from .agreement import method_names, one_image
+from .agreement import explain_one, method_names, one_image
 from .similarity import compare
 
 THRESHOLD = 0.5          # a method passes when |map| rank correlation after full randomisation is below this
@@ -99,7 +99,7 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
     info = describe(model)
     groups = _check_groups(model, groups)[::-1]           # top (logits) first
     modules = dict(model.named_modules())
-    originals = {m: attribute(model, image, m, target=target, **params.get(m, {})) for m in methods}
+    originals = {m: explain_one(model, image, m, target, params) for m in methods}
     fixed_target = next(iter(originals.values())).target       # explain the original class throughout
     scores = {m: {k: [] for k in ("spearman", "spearman_abs", "ssim", "ssim_abs")} for m in methods}
     generator = torch.Generator().manual_seed(seed)
