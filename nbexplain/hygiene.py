@@ -35,14 +35,14 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
     """
     with model_lock(model):
         walks = _SCOPE.__dict__.setdefault("walks", {})
-        outermost = id(model) not in walks
-        if outermost:
-            walks[id(model)] = (model, list(model.modules()))
+        if id(model) in walks:
+            yield model      # nested in this thread: the outer scope has set the flags and restores them
+            return
+        walks[id(model)] = (model, list(model.modules()))
         try:
             yield from _borrowed(model)
         finally:
-            if outermost:
-                del walks[id(model)]
+            del walks[id(model)]
 
 
 _SCOPE = threading.local()     # per thread: the module list of each model borrowed (``modules_of``)
