@@ -13,7 +13,7 @@ from torch import nn
 from .calls import call
 from .hygiene import forward_hooks, hooked, modules_of, unfused_attention
 from .images import Preprocess
-from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, token_layout
+from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, submodule, token_layout
 from .folding import folded, folded_weights
 from .speed import Plan, plan
 from .stem import input_gradient_sum, input_stem, summed_at_stem
@@ -220,7 +220,7 @@ class Context:
             self.memo[("capture", layer.name, True, False)] = result
 
     def _capture(self, layers: list[Layer], gradients: bool, input_grad: bool):
-        modules = dict(self.model.named_modules())
+        modules = {layer.name: submodule(self.model, layer.name) for layer in layers}
         outputs: dict[str, torch.Tensor] = {}
 
         def hook_for(name):
@@ -254,11 +254,12 @@ class Context:
         acts, grads = {}, {} if gradients else None
         for i, layer in enumerate(layers):
             module = modules[layer.name]
-            t = channels_first(module, outputs[layer.name].detach(), self.model)
+            # float32 maps from a half-precision model: the CAMs' SVD and score tables need it
+            t = channels_first(module, outputs[layer.name].detach(), self.model).float()
             layout = token_layout(self.model, t.shape[1], hw) if t.ndim == 3 else None
             acts[layer.name] = as_spatial(t, layout)
             if gradients:
-                grads[layer.name] = as_spatial(channels_first(module, got[i], self.model), layout)
+                grads[layer.name] = as_spatial(channels_first(module, got[i], self.model).float(), layout)
         gx = got[-1] if input_grad else None
         self.report(1.0)
         return acts, grads, gx
