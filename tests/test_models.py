@@ -122,7 +122,6 @@ def test_a_grayscale_timm_model_explains_pictures_by_their_luminance():
     """timm keeps the RGB config of a model built with in_chans=1 (an X-ray classifier): pictures reach it
     as one luminance channel normalised by the RGB averages, and its maps are the model's own."""
     from captum.attr import IntegratedGradients
-    from PIL import Image
     model = timm.create_model("resnet18", in_chans=1, num_classes=2).eval()
     from nbexplain.models import describe
     pre = describe(model).preprocess
