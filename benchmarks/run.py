@@ -467,8 +467,11 @@ class Bench:
         med = {k: statistics.median(v) for k, v in times.items()}
         checks = []
         for p in peers:
-            metric, value, ok = (p.compare or compare_rel)(outs["nbexplain"], outs[p.name])
-            if not ok and p.twin is not None and p.check == "equal":
+            try:
+                metric, value, ok = (p.compare or compare_rel)(outs["nbexplain"], outs[p.name])
+            except RuntimeError:       # another shape: e.g. a peer reading a channels-last layer as NCHW
+                metric, value, ok = f"shape {tuple(outs[p.name].shape)}", float("nan"), False
+            if not ok and p.twin is not None and p.check == "equal" and value == value:
                 twin = p.twin()
                 _, floor, _ = (p.compare or compare_rel)(twin, outs[p.name])
                 metric, value, ok = (p.compare or compare_rel)(outs["nbexplain"], twin)
