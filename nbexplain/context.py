@@ -15,7 +15,7 @@ from .hygiene import forward_hooks, hooked, modules_of, unfused_attention
 from .images import Preprocess
 from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, submodule, token_layout
 from .folding import folded, folded_weights
-from .speed import Plan, plan
+from .speed import Plan, plan, single_format
 from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import dead_tokens, pruned
 
@@ -91,11 +91,20 @@ class Context:
         pairs = list(self.plan.pairs) if swap else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
-        # a one-sample pass uses a plan only when one was probed already (by a batched pass, or a call before)
-        fmt = self.plan.memory_format if batched else plan(self.model, self.x, probe=False).single
+        fmt = self.layout(batched)
         tail = self.tail if swap and self.logits is not None else None
         with folded(pairs, self._folded or []), pruned(self.model, tail):
             return call(self.model, xs.contiguous(memory_format=fmt))
+
+    def layout(self, batched: bool) -> torch.memory_format:
+        """The input memory format of a pass (a one-sample pass probes only when it pays: ``single_format``).
+        Probing runs forwards, so a pass that hooks the model asks for this before its hooks go on: they
+        would record the probe's passes too."""
+        return self.plan.memory_format if batched else self._single
+
+    @cached_property
+    def _single(self) -> torch.memory_format:
+        return single_format(self.model, self.x)      # once per call: it counts the calls it declines to probe
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""
@@ -117,6 +126,7 @@ class Context:
         if at_x and len(xs) > self.batch_size:
             targets = self.targets
         grads, scores = [], []
+        self.layout(min(len(xs), self.batch_size) >= 2)       # before ``hooks`` go on
         for i in range(0, len(xs), self.batch_size):
             xi = xs[i:i + self.batch_size].detach().requires_grad_(True)
             with torch.enable_grad(), hooks():
@@ -234,6 +244,7 @@ class Context:
             return hook
 
         x = self.x.detach().requires_grad_(input_grad)
+        self.layout(len(x) >= 2)
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
                 forward_hooks((modules[layer.name], hook_for(layer.name)) for layer in layers):
             logits = self.forward(x)
@@ -287,6 +298,7 @@ class Context:
             return record
 
         x = self.x.detach()
+        self.layout(len(x) >= 2)
         with unfused_attention(self.model), forward_hooks((m, hook(n)) for n, m in mods), \
                 torch.enable_grad() if gradients else torch.no_grad():
             logits = self.forward(x)

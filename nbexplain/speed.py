@@ -26,8 +26,8 @@ NCHW = Plan(torch.contiguous_format, ())
 
 def plan(model: nn.Module, x: torch.Tensor, probe: bool = True) -> Plan:
     """The fast paths for this model and input shape, probed once (two batch-1 forwards, at most four).
-    With ``probe=False`` only a plan already probed is returned, else NCHW: a one-sample pass gains 0-10%
-    from it, too little to pay two forwards for (a first saliency call on resnet50 took 2.3x captum's).
+    With ``probe=False`` only a plan already probed is returned, else NCHW (one-sample passes: see
+    ``single_format``; a first saliency call on resnet50 that probed took 2.3x captum's).
 
     - **BatchNorm folding** (any device): an eval-mode BN after a conv is an affine map, so the conv
       can apply it. That removes a memory pass per BN in the forward and one in the backward: 8% of a
@@ -47,6 +47,28 @@ def plan(model: nn.Module, x: torch.Tensor, probe: bool = True) -> Plan:
     found = once_per_shape(_CHOSEN, model, x, lambda: _probe(model, x[:1]) if _convs(model) >= 2 else NCHW,
                            run=probe)
     return NCHW if found is None else found
+
+
+def single_format(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
+    """The memory format of a one-sample pass. Its probe costs two forwards, which a first call should not
+    pay; but NHWC gains 6-11% at batch 1 on CPU nets with grouped convs (MobileNetV3, EfficientNet), so on
+    such a net the second one-sample call at a shape probes, and every later call gains."""
+    if once_per_shape(_CHOSEN, model, x, None, run=False) is None:
+        key = (tuple(x.shape[1:]), x.dtype, x.device)
+        declined = _DECLINED.setdefault(model, set())
+        if x.device.type != "cpu" or key not in declined or not _grouped(model):
+            if len(declined) >= _MAX_SHAPES:
+                declined.clear()
+            declined.add(key)
+            return torch.contiguous_format
+    return plan(model, x).single
+
+
+_DECLINED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _grouped(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in modules_of(model))
 
 
 def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.Tensor, probe, extra: tuple = (),
@@ -89,8 +111,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
         fast = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         for fmt, folds in dict.fromkeys([(fast, pairs), (torch.contiguous_format, pairs), (fast, ())]):
             if (fmt, folds) != NCHW and same_logits(run(fmt, folds), ref):
-                grouped = any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-                return Plan(fmt, folds, fmt if grouped else torch.contiguous_format)
+                return Plan(fmt, folds, fmt if _grouped(model) else torch.contiguous_format)
     return NCHW
 
 

@@ -438,6 +438,19 @@ NOT_ON_THE_GRID = [
 ]
 
 
+def test_a_batch_of_a_hybrid_vit_gets_each_images_own_rollout():
+    """A conv stem makes the first batched pass probe its fast paths (``speed.plan``); those probe forwards
+    must not run under the attention hooks, which recorded every block three times."""
+    import timm
+    model = timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, num_classes=5).eval()
+    x = make_input(2, 64)
+    for method in ("attention_rollout", "grad_rollout"):
+        batch = nbx.attribute(model, x, method, target=3)
+        for i, exp in enumerate(batch):
+            alone = nbx.attribute(model, x[i], method, target=3)
+            assert torch.allclose(exp.raw, alone.raw, atol=1e-6), (method, i)
+
+
 @pytest.mark.parametrize("arch,kw,why,last_grid", NOT_ON_THE_GRID, ids=["swin", "xcit", "pit"])
 def test_rollout_refuses_attention_that_is_not_over_the_patch_grid(arch, kw, why, last_grid):
     from nbexplain.hygiene import hook_count
