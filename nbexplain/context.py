@@ -154,6 +154,7 @@ class Context:
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
         total, scores = torch.zeros_like(self.x), []
         per_chunk = max(1, self.batch_size // n)
+        self.layout(True)    # probed now: the fast-path probe must not run through the swapped stem either
         if self.logits is not None:
             self.tail        # checked now: its probe must see the plain stem, not the swapped one
         for j in range(0, len(weights), per_chunk):
