@@ -1,6 +1,7 @@
 """Eval-mode BatchNorm folded into the convolution that feeds it, for the length of one model pass."""
 from __future__ import annotations
 
+import copy
 import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -22,8 +23,19 @@ def after_fold(bn: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     if type(bn) is nn.BatchNorm2d:
         return _identity
     if type(bn).__name__ == "BatchNormAct2d" and type(bn).__module__.startswith("timm."):
-        return lambda t: bn.act(bn.drop(t))
+        act = _out_of_place(bn.act)
+        return lambda t: act(bn.drop(t))
     return None
+
+
+def _out_of_place(act: nn.Module) -> nn.Module:
+    """The activation of a folded BatchNormAct2d, writing a new tensor. Unfolded, an in-place activation
+    rewrites the BN's own fresh output; folded, it would rewrite the conv's output, which autograd may hold
+    for another op's backward (CoAtNet's batched input gradients failed)."""
+    if getattr(act, "inplace", False) is True:
+        act = copy.copy(act)
+        act.inplace = False
+    return act
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:

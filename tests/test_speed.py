@@ -497,3 +497,17 @@ def test_with_gradient_checkpointing_no_pass_swaps_weights_or_forwards():
         assert_close(torch.cat([a.raw for a in cams]),
                      torch.cat([a.raw for a in nbx.attribute(plain, x, "gradcam", target=TARGET, layer=layer)]))
         assert model.grad_checkpointing and hook_count(model) == 0
+
+
+def test_a_folded_batchnorm_activation_never_rewrites_the_conv_output():
+    """timm's BatchNormAct2d runs its activation in place on its own fresh output; folded, that output is the
+    conv's, which CoAtNet's autograd still holds: every batched input gradient failed in the backward."""
+    import timm
+    model = timm.create_model("coatnet_0_rw_224", num_classes=5, img_size=(64, 96)).eval()
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    got = torch.stack([a.raw[0] for a in nbx.attribute(model, x, "integrated_gradients", steps=4,
+                                                          baseline="zeros", target=1)])
+    ig = IntegratedGradients(model)
+    ref = ig.attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=4, internal_batch_size=8)
+    assert_close(got, ref)
+    assert any(getattr(m, "inplace", False) for m in model.modules())      # the model's own acts untouched
