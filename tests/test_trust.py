@@ -291,3 +291,26 @@ def test_shortcut_flags_refuse_mismatched_or_empty_input():
         trust.fixed_hotspots([a, np.zeros((4, 4)), b])
     with pytest.raises(ValueError, match=r"maps: expected 2-D \(H, W\) maps, got shape \(8, 8, 3\)"):
         trust.fixed_hotspots([np.zeros((8, 8, 3))] * 2)
+
+
+def test_deletion_insertion_of_a_one_logit_model_follows_its_sigmoid():
+    """A softmax over one logit is always 1: the curves were flat, whatever the map."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 1)).eval()
+    exp = nbx.attribute(model, torch.randn(3, 32, 32), "saliency")
+    curves = trust.deletion_insertion(model, exp, steps=4)
+    assert curves.deletion[0] == pytest.approx(exp.probs[0][2], abs=1e-5)
+    assert 0 < curves.deletion.min() < 1 and len(set(np.round(curves.deletion, 6))) > 1
+
+
+def test_constant_maps_point_nowhere():
+    """argmax of a constant map is pixel (0, 0): it was read as a shared hotspot, and as a pointing-game hit."""
+    flags, where = trust.fixed_hotspots([np.zeros((8, 8))] * 5)
+    assert not flags.any() and where is None
+    mask = np.zeros((8, 8), bool)
+    mask[0, 0] = True
+    assert trust.pointing_game(np.zeros((8, 8)), mask) is False
+    peak = np.zeros((8, 8))
+    peak[0, 0] = 1.0
+    assert trust.pointing_game(peak, torch.from_numpy(mask)) is True      # a torch mask is taken too

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..attribution import Attribution, display_map
-from ..calls import call, eager, inputs_for
+from ..calls import call, eager, inputs_for, probabilities
 from ..hygiene import borrowed
 from ..methods.baselines import gaussian_blur
 from ..models import describe, weights_digest
@@ -134,24 +134,30 @@ def _probabilities(model, xs: torch.Tensor, target: int, batch_size: int) -> np.
                 raise ValueError(f"exp: its target {target} is out of range for this model's {scores.shape[-1]} "
                                  "classes; was the attribution computed on another model? pass the model it was "
                                  "computed on, or recompute it with nbx.attribute(model, ...)")
-            out.append(scores.softmax(1)[:, target].cpu())
+            out.append(probabilities(scores)[:, target].cpu())      # a one-logit model's is its sigmoid
     return torch.cat(out).numpy()
 
 
 def pointing_game(saliency: np.ndarray, mask: np.ndarray) -> bool:
-    """Does the map's maximum fall inside the ground-truth mask?"""
-    _check(saliency, mask)
+    """Does the map's maximum fall inside the ground-truth mask? A constant map points nowhere: False."""
+    saliency, mask = _check(saliency, mask)
+    if saliency.max() == saliency.min():
+        return False                      # argmax would pick pixel (0, 0)
     return bool(mask[np.unravel_index(np.argmax(saliency), saliency.shape)])
 
 
 def energy_pointing_game(saliency: np.ndarray, mask: np.ndarray) -> float:
     """Share of the positive attribution energy inside the mask (Wang et al. 2020)."""
-    _check(saliency, mask)
+    saliency, mask = _check(saliency, mask)
     pos = np.maximum(saliency, 0)
     total = pos.sum()
-    return float(pos[mask.astype(bool)].sum() / total) if total > 0 else 0.0
+    return float(pos[mask].sum() / total) if total > 0 else 0.0
 
 
-def _check(saliency: np.ndarray, mask: np.ndarray) -> None:
+def _check(saliency, mask) -> tuple[np.ndarray, np.ndarray]:
+    """The map as an array and the mask as booleans (numpy or torch; values above 0 are inside)."""
+    saliency = saliency.detach().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
+    mask = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if saliency.shape != mask.shape:
         raise ValueError(f"mask: shape {mask.shape} differs from the map's {saliency.shape}")
+    return saliency, mask > 0

@@ -48,7 +48,10 @@ def fixed_hotspots(maps: list[np.ndarray], radius: float = HOTSPOT_RADIUS,
     if len(shapes) > 1:
         raise ValueError(f"maps: shapes differ ({', '.join(map(str, shapes[:4]))}); peaks are compared in pixels, "
                          "so resample the maps to one shape first (explain_batch does this for you)")
-    peaks = np.array([np.unravel_index(np.argmax(m), m.shape) for m in maps], dtype=np.float64)
+    # a constant map has no peak (argmax would say pixel (0, 0)): it takes no part
+    peaked = np.array([m.max() > m.min() for m in maps])
+    peaks = np.array([np.unravel_index(np.argmax(m), m.shape) if p else (np.nan, np.nan)
+                      for m, p in zip(maps, peaked)], dtype=np.float64)
     h, w = maps[0].shape
     r = radius * np.hypot(h, w)
     near = np.linalg.norm(peaks[:, None] - peaks[None], axis=-1) <= r
@@ -57,5 +60,5 @@ def fixed_hotspots(maps: list[np.ndarray], radius: float = HOTSPOT_RADIUS,
     if support[best] < max(2, share * len(maps)):
         return np.zeros(len(maps), bool), None
     centre = peaks[near[best]].mean(0)
-    flags = np.linalg.norm(peaks - centre, axis=1) <= r
+    flags = (np.linalg.norm(peaks - centre, axis=1) <= r) & peaked
     return flags, (float(centre[0]), float(centre[1]))
