@@ -421,7 +421,8 @@ class _Source:
         elif isinstance(images, (list, tuple)):
             self.items = list(images)
         elif isinstance(images, torch.utils.data.Dataset) and not isinstance(images, Iterable):
-            self.loader = torch.utils.data.DataLoader(images, batch_size=batch_size)   # a map-style Dataset
+            # a map-style Dataset; pictures (an ImageFolder without a transform) are kept as lists
+            self.loader = torch.utils.data.DataLoader(images, batch_size=batch_size, collate_fn=_collate)
         elif isinstance(images, Iterable):
             self.loader = images
         else:
@@ -467,25 +468,73 @@ class _Source:
                     seen += n
 
 
+def _collate(items: list) -> Any:
+    """torch's collate, or plain lists where it cannot stack (PIL pictures, mixed sizes)."""
+    try:
+        return torch.utils.data.default_collate(items)
+    except (TypeError, RuntimeError):
+        if isinstance(items[0], (tuple, list)):
+            return [list(column) for column in zip(*items)]
+        return list(items)
+
+
 def _unpack(batch: Any) -> tuple[Any, list[int] | None, list[np.ndarray] | None]:
-    """A DataLoader batch -> (images for attribute(), labels, masks)."""
+    """A DataLoader batch -> (images for attribute(), labels, masks). An iterable of single pictures, or of
+    (picture, label) pairs, is read as batches of one."""
     labels = masks = None
+    if _single(batch):
+        batch = [batch]
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and _single(batch[0]) and _scalar(batch[1]):
+        batch = ([batch[0]], [batch[1]], *([[batch[2]]] if len(batch) > 2 else []))
     if isinstance(batch, dict):
         images = batch.get("image", batch.get("images"))
         labels, masks = batch.get("label", batch.get("labels")), batch.get("mask", batch.get("masks"))
         if images is None:
             raise ValueError("DataLoader: a dict batch needs an 'image' or 'images' key")
-    elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and _batched(batch[0]):
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2 and _batched(batch[0]):
+        # (images, labels[, masks][, anything else]): a third item that is no map per image (an index or
+        # a file name column) is not a mask
         images, labels = batch[0], batch[1]
-        masks = batch[2] if len(batch) == 3 else None
+        masks = batch[2] if len(batch) > 2 and _mask_batch(batch[2]) else None
     else:
         images = batch
     images = _as_images(images)
     if labels is not None:
-        labels = [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+        labels = _class_indices(labels)
     if masks is not None:
         masks = [np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m).astype(bool).squeeze() for m in masks]
     return images, labels, masks
+
+
+def _single(x: Any) -> bool:
+    """One picture (not a batch): a PIL image, a file path, or an (H,W), (C,H,W) or (H,W,C) array."""
+    from PIL import Image
+    return isinstance(x, (Image.Image, str, os.PathLike)) or \
+        (isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim in (2, 3))
+
+
+def _scalar(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) or (isinstance(x, (torch.Tensor, np.ndarray)) and x.ndim == 0)
+
+
+def _mask_batch(x: Any) -> bool:
+    """One 2-D map per image: (N,H,W) or (N,1,H,W), or a list of 2-D arrays."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return x.ndim in (3, 4)
+    return isinstance(x, (list, tuple)) and bool(x) and all(
+        isinstance(m, (torch.Tensor, np.ndarray)) and m.ndim >= 2 for m in x)
+
+
+def _class_indices(labels: Any) -> list[int]:
+    """A loader's labels as class indices: ints, or one-hot rows (their argmax)."""
+    if isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 2:
+        labels = labels.argmax(1)
+    values = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+    try:
+        return [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"DataLoader: labels must be class indices (or one-hot rows), got {values[:3]!r}; "
+                         "map names to indices in the dataset, or pass a dict batch without 'label'") from None
 
 
 def _batched(x: Any) -> bool:

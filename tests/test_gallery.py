@@ -78,6 +78,44 @@ def test_batch_over_a_list_a_folder_and_a_dataloader_gives_the_same_per_image_re
         assert a.target == b.target == c.target
 
 
+def test_common_dataset_layouts_are_read_as_images_and_labels(cnn, small):
+    """(image, label, file name) loaders, datasets of pictures (ImageFolder without a transform), generators
+    of pictures or (picture, label) pairs, one-hot labels: each used to fail, some after all the work."""
+    images, labels = list(small["images"]), small["labels"].tolist()
+    listed = explain_batch(cnn, images, "saliency", progress=False)
+    pictures = [Image.fromarray(img) for img in images]
+
+    class Named(torch.utils.data.Dataset):          # a path column is not a mask
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return to_tensor(images[i:i + 1])[0], labels[i], f"img_{i}.png"
+
+    class Pictures(Named):
+        def __getitem__(self, i):
+            return pictures[i], labels[i]
+
+    class OneHot(Named):
+        def __getitem__(self, i):
+            return to_tensor(images[i:i + 1])[0], torch.nn.functional.one_hot(torch.tensor(labels[i]), 4)
+
+    sources = [torch.utils.data.DataLoader(Named(), batch_size=2), Pictures(),
+               torch.utils.data.DataLoader(OneHot(), batch_size=3), iter(pictures),
+               ((p, t) for p, t in zip(pictures, labels))]
+    for source in sources:
+        out = explain_batch(cnn, source, "saliency", progress=False)
+        assert len(out) == len(images)
+        for a, b in zip(listed, out):
+            np.testing.assert_allclose(a.map, b.map, atol=1e-5)
+            assert "outside_share" not in b.metrics                     # no masks
+        if not isinstance(source, type(iter(pictures))):
+            assert [it.true_label for it in out] == labels
+    names = torch.utils.data.DataLoader([(to_tensor(images[:1])[0], "cat")], batch_size=1)
+    with pytest.raises(ValueError, match=r"labels must be class indices.*'cat'"):
+        explain_batch(cnn, names, "saliency", progress=False)
+
+
 def test_a_uint8_tensor_is_taken_as_pixels_as_in_a_dataloader_batch(cnn, small):
     """The docstring says uint8 tensors are pixels: a tensor passed directly was refused as not float."""
     listed = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
