@@ -20,6 +20,7 @@ from .calls import eager
 from .layers import layer_name
 from .models import describe, load_model
 from .pipeline import Graph
+from .render import lut, resolve as resolve_sign
 from .session import DEFAULT_CACHE_BYTES, Session, make_items
 
 _STATIC = pathlib.Path(__file__).parent / "static"
@@ -117,6 +118,25 @@ class ExplorerView(anywidget.AnyWidget):
     _compare_maps = t.List().tag(sync=True)
     _predictions = t.List().tag(sync=True)
     _stages = t.List().tag(sync=True)
+
+    # the view is drawn in the browser, so a bad value set from Python would only surface in an export
+    @t.validate("colormap")
+    def _known_colormap(self, proposal: Any) -> str:
+        if proposal["value"] != "auto":
+            lut(proposal["value"])                    # raises, naming the colormaps there are
+        return proposal["value"]
+
+    @t.validate("sign")
+    def _known_sign(self, proposal: Any) -> str:
+        resolve_sign(proposal["value"], "auto", True)   # raises, naming the signs there are
+        return proposal["value"]
+
+    @t.validate("opacity", "clip")
+    def _not_nan(self, proposal: Any) -> float:
+        if proposal["value"] != proposal["value"]:
+            raise t.TraitError(f"{proposal['trait'].name}: NaN is not a number to draw with; "
+                               f"use a value within [{proposal['trait'].min}, {proposal['trait'].max}]")
+        return proposal["value"]
 
     def __init__(self, session: Session, **traits: Any) -> None:
         unknown_traits = [k for k in traits if not self.has_trait(k) or k.startswith("_")]

@@ -79,6 +79,23 @@ def test_layer_switch_for_a_cam_runs_no_model_pass(cnn, images):
     w.close()
 
 
+def test_view_settings_set_from_python_are_checked_when_set(cnn, images):
+    """The view is drawn in the browser: a bad colormap, sign or NaN opacity set from Python was accepted
+    silently and only failed in an export."""
+    import traitlets
+    w = nbx.explain(cnn, images, method="saliency")
+    with pytest.raises(ValueError, match=r"colormap: unknown 'nope'; use one of .*viridis"):
+        w.colormap = "nope"
+    with pytest.raises(ValueError, match=r"sign: unknown 'bogus'; use auto or one of .*signed"):
+        w.sign = "bogus"
+    for name in ("opacity", "clip"):
+        with pytest.raises(traitlets.TraitError, match=rf"{name}: NaN"):
+            setattr(w, name, float("nan"))
+    w.colormap, w.sign, w.opacity = "viridis", "signed", 0.3
+    assert (w.colormap, w.sign, w.opacity) == ("viridis", "signed", 0.3)
+    w.close()
+
+
 def test_a_layer_set_as_a_module_becomes_its_name(cnn, images):
     """``nbx.explain(..., layer=module)`` was accepted but ``w.layer = module`` raised a bare TraitError."""
     import copy
