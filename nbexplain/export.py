@@ -116,14 +116,16 @@ text-align:left;vertical-align:top}}code{{white-space:pre-wrap;word-break:break-
 <h2>Provenance</h2><table>{rows}</table></body></html>"""
 
 
-def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors: torch.Tensor) -> Attribution:
-    """Recompute an exported attribution from its JSON (and the model); raises if the weights differ.
+def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = None,
+           **tensors: torch.Tensor) -> Attribution:
+    """Recompute an exported attribution from its JSON text, dict, or file (.json, or the provenance of a
+    .png or .npz export; those carry no input: pass ``image=``) and the model; raises if the weights differ.
 
     A tensor parameter (a custom IG baseline) travels in a JSON export; from a PNG's or an npz's provenance,
     which keep only its hash, pass it again (``baseline=...``): it is checked against that hash."""
     from .api import attribute
     from .models import weights_digest
-    d = json.loads(doc) if isinstance(doc, (str, bytes)) else doc
+    d = _document(doc)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         got = d.get("format") if isinstance(d, dict) else type(d).__name__
         raise ValueError(f"replay: not an nbexplain export (format {got!r}, expected {FORMAT!r})")
@@ -136,8 +138,12 @@ def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors
     if image is None:
         if "input" not in d:
             raise ValueError("replay: the export carries no input; pass image=...")
-        image = _from_npy(d["input"]) if d["input"]["kind"] == "tensor/npy" else \
-            Image.open(io.BytesIO(base64.b64decode(d["input"]["data"]))).convert("RGB")
+        try:
+            image = _from_npy(d["input"]) if d["input"]["kind"] == "tensor/npy" else \
+                Image.open(io.BytesIO(base64.b64decode(d["input"]["data"]))).convert("RGB")
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ValueError(f"replay: the export's input is corrupt ({type(e).__name__}: {e}); pass image=... "
+                             "or export the attribution again") from None
     from .images import Preprocess
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["preprocess"].items()}) \
         if d.get("preprocess") else None
@@ -149,6 +155,36 @@ def replay(doc: str | dict, model: torch.nn.Module, image: Any = None, **tensors
     result = attribute(model, image, d["method"], target=d["target"], preprocess=pre,
                        **({"layer": layer} if layer else {}), **params)
     return result[0] if isinstance(result, list) else result
+
+
+def _document(doc: Any) -> Any:
+    """An export as a dict: given as one, as JSON text, or as the path of a .json, .png or .npz export."""
+    if isinstance(doc, dict):
+        return doc
+    path = os.fspath(doc) if isinstance(doc, os.PathLike) else doc
+    if isinstance(path, str) and path.lower().endswith((".json", ".png", ".npz")) and "\n" not in path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"replay: no file {path!r}")
+        ext = os.path.splitext(path)[1].lower()
+        try:
+            if ext == ".png":
+                with Image.open(path) as im:
+                    return json.loads(im.text["nbexplain"])
+            if ext == ".npz":
+                with np.load(path) as z:
+                    return json.loads(str(z["provenance"]))
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (KeyError, OSError, ValueError) as e:
+            raise ValueError(f"replay: {path!r} holds no nbexplain provenance ({type(e).__name__}: {e}); "
+                             "pass a file written by exp.save(...)") from None
+    if not isinstance(doc, (str, bytes)):
+        return doc
+    try:
+        return json.loads(doc)
+    except ValueError as e:
+        raise ValueError(f"replay: the text is not valid JSON ({e}); pass exp.to_json(), its dict, or the path "
+                         "of a .json, .png or .npz export") from None
 
 
 def _tensor_param(name: str, note: dict, given, stored) -> torch.Tensor:

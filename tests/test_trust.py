@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +121,26 @@ def test_replay_from_json_reproduces_the_map(cnn, batch, tmp_path):
     other = nbx.load_model("synthetic-cnn-hans")
     with pytest.raises(ValueError, match="weights differ"):
         nbx.replay(doc, other)
+
+
+def test_replay_reads_export_files_and_names_what_is_wrong(cnn, batch, tmp_path):
+    """A path was parsed as JSON text (JSONDecodeError), and a corrupt input raised a bare KeyError."""
+    image = batch["images"][3]
+    e = nbx.attribute(cnn, image, "saliency", target=2)
+    for ext in ("json", "png", "npz"):
+        path = e.save(tmp_path / f"x.{ext}")
+        for doc in (path, Path(path)):
+            again = nbx.replay(doc, cnn, image=None if ext == "json" else image)
+            np.testing.assert_allclose(again.map, e.map, atol=1e-6)
+    with pytest.raises(ValueError, match=r"carries no input; pass image="):
+        nbx.replay(tmp_path / "x.png", cnn)
+    with pytest.raises(ValueError, match=r"not valid JSON.*pass exp.to_json\(\)"):
+        nbx.replay(e.to_json()[:300], cnn)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        nbx.replay(tmp_path / "missing.json", cnn)
+    doc = json.loads(e.to_json())
+    with pytest.raises(ValueError, match=r"input is corrupt.*pass image="):
+        nbx.replay(dict(doc, input={"data": "aaaa"}), cnn)
 
 
 def test_replay_of_a_tensor_input(cnn, batch):
