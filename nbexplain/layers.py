@@ -55,8 +55,8 @@ def core(model: nn.Module) -> tuple[str, nn.Module]:
     prefix = ""
     while not any(p is not None for p in model._parameters.values()):
         owners = [(n, c) for n, c in model.named_children() if next(c.parameters(), None) is not None]
-        if len(owners) != 1:
-            break
+        if len(owners) != 1 or next(owners[0][1].children(), None) is None:
+            break          # several parts, or the one that has parameters is a single layer, not a network
         name, model = owners[0]
         prefix += name + "."
     return prefix, model

@@ -824,3 +824,12 @@ def test_a_map_that_is_zero_everywhere_comes_with_a_warning(cnn):
     with pytest.warns(UserWarning, match="vargrad: the map is zero everywhere"):
         out = nbx.attribute(cnn, make_input(1, 64)[0], "vargrad", samples=1, target=1)
     assert not out.raw.any() and "zero everywhere" in out.meta["warnings"][0]
+
+
+def test_a_model_whose_parameters_sit_in_its_first_layer_lists_its_layers():
+    """``core`` took the one parameter-owning child, a leaf conv, for the network inside a wrapper: no layer
+    was listed and CAMs said the model had no spatial output."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = make_input(1, 32)
+    assert [layer["name"] for layer in nbx.layers(model, x)] == ["0", "1"]
+    assert nbx.attribute(model, x[0], "gradcam").meta["layer"] in ("0", "1")
