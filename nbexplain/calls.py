@@ -42,9 +42,11 @@ def size_hint(x: torch.Tensor) -> Iterator[None]:
     except (AssertionError, RuntimeError, ValueError) as e:
         if (not isinstance(e, torch.OutOfMemoryError) and hasattr(e, "add_note")
                 and any(w in str(e).lower() for w in _SHAPE_WORDS)):
-            e.add_note(f"nbexplain: the model failed on a batch of shape {tuple(x.shape)}. A tensor input "
-                       "reaches the model as it is: pass the images themselves (paths, PIL images or arrays) "
-                       "to have them resized to the model's input size, or a tensor of a size it accepts.")
+            e.add_note(f"nbexplain: the model failed on a batch of shape {tuple(x.shape)}. Pictures (paths, PIL "
+                       "images, arrays) are resized to the model's data config; a timm model built for another "
+                       "size (img_size=...) may still carry the default one: pass preprocess=nbx.Preprocess("
+                       "size=(H, W), ...) with the size it was built for. A tensor reaches the model as it is: "
+                       "pass one of a size the model accepts, or the pictures themselves.")
         raise
 
 

@@ -556,8 +556,22 @@ def test_a_tensor_the_model_cannot_take_keeps_the_models_error_with_the_fix_adde
         with pytest.raises(AssertionError, match="divisible") as caught:
             nbx.attribute(vit, torch.randn(1, 3, side * 4 + 3, side * 4), method)
         notes = " ".join(getattr(caught.value, "__notes__", []))
-        assert "(1, 3, " in notes and "resized to the model's input size" in notes, method
+        assert "(1, 3, " in notes and "A tensor reaches the model as it is" in notes, method
     assert hook_count(vit) == 0 and not vit.training
+
+
+def test_a_model_built_for_another_size_is_told_to_pass_its_preprocess():
+    """timm keeps a model's default data config when it is built with another img_size (LeViT, MaxViT,
+    EfficientFormerV2): a picture is resized to that default and fails deep inside timm."""
+    import timm
+    model = timm.create_model("levit_128s", num_classes=3, img_size=96).eval()
+    picture = Image.fromarray(_gradient_rgb())
+    with pytest.raises(RuntimeError) as caught:
+        nbx.attribute(model, picture, "saliency")
+    notes = " ".join(getattr(caught.value, "__notes__", []))
+    assert "img_size" in notes and "preprocess=nbx.Preprocess(size=(H, W)" in notes
+    fixed = nbx.attribute(model, picture, "saliency", preprocess=nbx.Preprocess(size=96, crop_pct=1.0))
+    assert fixed.map.shape == np.asarray(picture).shape[:2]
 
 
 def test_a_class_name_shared_by_several_classes_is_refused(cnn):
