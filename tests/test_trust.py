@@ -335,3 +335,17 @@ def test_constant_maps_point_nowhere():
     peak = np.zeros((8, 8))
     peak[0, 0] = 1.0
     assert trust.pointing_game(peak, torch.from_numpy(mask)) is True      # a torch mask is taken too
+
+
+def test_a_wrapped_model_is_randomised_block_by_block(cnn):
+    """A wrapper (a LightningModule's self.model) gave one group, 'model', randomised all at once."""
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = cnn
+
+        def forward(self, x):
+            return self.model(x)
+
+    assert trust.layer_groups(Wrap()) == ["model." + g for g in trust.layer_groups(cnn)]
+    assert len(trust.layer_groups(cnn)) > 3

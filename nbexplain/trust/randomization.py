@@ -12,6 +12,7 @@ from torch import nn
 from .._errors import closest
 from ..api import attribute
 from ..calls import eager
+from ..layers import core
 from ..models import describe, register
 from .agreement import explain_one, method_names, one_image
 from .similarity import compare
@@ -64,13 +65,14 @@ class RandomizationReport:
 
 def layer_groups(model: nn.Module) -> list[str]:
     """Parameterised blocks in forward order: top-level modules, with stage containers split into blocks."""
+    prefix, net = core(eager(model))       # inside a wrapper (a LightningModule's self.model): its blocks
     groups = []
-    for name, child in eager(model).named_children():
+    for name, child in net.named_children():
         kids = list(child.named_children())
         numbered = kids and all(k.isdigit() for k, _ in kids)
         for sub, m in (kids if numbered else [("", child)]):
             if any(True for _ in m.parameters()):
-                groups.append(f"{name}.{sub}" if sub else name)
+                groups.append(prefix + (f"{name}.{sub}" if sub else name))
     return groups
 
 
