@@ -65,10 +65,16 @@ class ExportBar(ipywidgets.HBox):
             raise ValueError(f"export: unknown format {ext!r}; use {', '.join(FORMATS)}")
         view = self.view
         result = getattr(view, "result", None)
-        if getattr(view, "status", "idle") == "busy":
+        status = getattr(view, "status", "idle")
+        if status == "busy":
             raise RuntimeError("the explorer is still computing; export once the map is shown")
+        if status == "error":        # the result held is the previous settings', not what the controls say
+            raise RuntimeError("the explorer's last request failed, so no map matches its controls; fix the "
+                               "setting its error names, then export")
         if result is None:
             raise RuntimeError("nothing to export yet: the explorer has no result")
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise NotADirectoryError(f"export: {self.folder!r} is a file, not a folder; pass a folder to save into")
         os.makedirs(self.folder, exist_ok=True)
         name = file_name(result, ext)
         path = os.path.join(self.folder, name)

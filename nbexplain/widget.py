@@ -151,6 +151,7 @@ class ExplorerView(anywidget.AnyWidget):
         self._pending = 0
         self._idle = threading.Event()
         self._idle.set()
+        self._closed = False
         self._shown_image: int | None = None
         self.result: Attribution | None = None
         self.stages: list[dict] = []
@@ -179,6 +180,9 @@ class ExplorerView(anywidget.AnyWidget):
         return state
 
     def _request(self) -> None:
+        if self._closed:
+            raise RuntimeError("explorer: it is closed, so it computes nothing more; open a new one with "
+                               "nbx.explain(...)")
         with self._lock:
             self._generation += 1
             generation = self._generation
@@ -285,7 +289,10 @@ class ExplorerView(anywidget.AnyWidget):
         if "_executor" in self.__dict__:           # construction may have failed before these existed
             with self._lock:
                 self._generation += 1              # any running request stops at its next report
+                self._closed = True
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._idle.set()                       # a cancelled request never runs to say it is done
+            self.status = "closed"
             self._session.close()
         super().close()
 

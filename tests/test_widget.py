@@ -96,6 +96,33 @@ def test_view_settings_set_from_python_are_checked_when_set(cnn, images):
     w.close()
 
 
+def test_a_closed_or_failed_explorer_says_so(cnn, images, tmp_path):
+    """Closing mid-compute left wait() returning None with status 'busy' forever, and a control set after
+    close raised the executor's 'cannot schedule new futures'; the export bar saved the previous result
+    after a failed request, and a folder that is a file raised FileExistsError."""
+    from nbexplain.export_bar import export_bar
+    w = nbx.explain(cnn, images, method="saliency")
+    w.wait()
+    w.method, w.layer = "gradcam", "nope"
+    with pytest.raises(ValueError):
+        w.wait()
+    with pytest.raises(RuntimeError, match="last request failed"):
+        export_bar(w, tmp_path).save("json")
+    w.layer = ""
+    w.wait()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        export_bar(w, tmp_path / "a_file").save("png")
+    w.close()
+
+    busy = nbx.explain(cnn, images, method="integrated_gradients", steps=512)
+    busy.close()
+    busy.wait(5)                                 # returns at once
+    assert busy.status == "closed"
+    with pytest.raises(RuntimeError, match="it is closed.*nbx.explain"):
+        busy.method = "saliency"
+
+
 def test_a_layer_set_as_a_module_becomes_its_name(cnn, images):
     """``nbx.explain(..., layer=module)`` was accepted but ``w.layer = module`` raised a bare TraitError."""
     import copy
