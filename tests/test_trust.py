@@ -349,3 +349,10 @@ def test_a_wrapped_model_is_randomised_block_by_block(cnn):
 
     assert trust.layer_groups(Wrap()) == ["model." + g for g in trust.layer_groups(cnn)]
     assert len(trust.layer_groups(cnn)) > 3
+
+
+def test_similarity_of_maps_of_different_shapes_is_refused_clearly():
+    """ssim raised torch's size mismatch and spearman numpy's, deep inside."""
+    for f in (trust.ssim, trust.spearman):
+        with pytest.raises(ValueError, match=r"shapes \(4, 4\) and \(5, 5\) differ"):
+            f(np.random.rand(4, 4), np.random.rand(5, 5))

@@ -6,8 +6,17 @@ import torch
 import torch.nn.functional as F
 
 
+def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"maps: shapes {a.shape} and {b.shape} differ; compare maps of one image at one "
+                         "resolution (Attribution.map is at the picture's)")
+    return a, b
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Rank correlation of two maps (ties broken by position; constant maps give 0)."""
+    a, b = _same_shape(a, b)
     ra = np.argsort(np.argsort(a.ravel(), kind="stable"), kind="stable").astype(np.float64)
     rb = np.argsort(np.argsort(b.ravel(), kind="stable"), kind="stable").astype(np.float64)
     if np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -17,6 +26,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     """Structural similarity of two maps, each min-max scaled to [0, 1] (uniform window)."""
+    a, b = _same_shape(a, b)
     def unit(m):
         m = m.astype(np.float64)
         return (m - m.min()) / (np.ptp(m) or 1.0)
