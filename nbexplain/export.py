@@ -6,6 +6,7 @@ import html
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -135,6 +136,10 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
     if weights_digest(model) != d["weights_sha256"]:
         raise ValueError("replay: the model's weights differ from the exported ones (sha256 mismatch); "
                          "pass the model the attribution was computed with")
+    if image is None and d.get("original_size"):
+        warnings.warn("replay: this attribution was shrunk for display (explain_batch's max_side), so its export "
+                      "carries the shrunk picture, and a map recomputed from it differs; pass image=<the original "
+                      "picture> for the exact map", stacklevel=2)
     if image is None:
         if "input" not in d:
             raise ValueError("replay: the export carries no input; pass image=...")

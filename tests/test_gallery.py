@@ -322,3 +322,8 @@ def test_large_photos_are_kept_at_display_size_with_masks_on_their_own_grid(cnn,
         explain_batch(cnn, big, "saliency", masks=[m[:, :50] for m in masks], progress=False, max_side=300)
     with pytest.raises(ValueError, match="max_side"):
         explain_batch(cnn, big, "saliency", progress=False, max_side=0)
+    # the export carries the shrunk picture: replay says so, and recomputes exactly from the original
+    doc = shrunk[0].attribution.to_json()
+    with pytest.warns(UserWarning, match=r"shrunk for display.*pass image=<the original picture>"):
+        nbx.replay(doc, cnn)
+    np.testing.assert_allclose(nbx.replay(doc, cnn, image=big[0]).map, kept[0].map, atol=1e-5)
