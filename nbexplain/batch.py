@@ -136,10 +136,16 @@ class BatchResult:
     def flag_rate(self, signal: str | None = None, where: Sequence[bool] | np.ndarray | None = None) -> float:
         """Share of images flagged (by the combined flag, or one signal: 'outside' or 'hotspot'),
         optionally among the images selected by the boolean ``where``."""
+        if signal not in (None, "outside", "hotspot"):
+            raise ValueError(f"flag_rate: unknown signal {signal!r}; use 'outside', 'hotspot' or None (the combined flag)")
         values = np.array([it.flagged if signal is None else bool(it.flags.get(signal, False))
                            for it in self.items], bool)
         if where is not None:
-            values = values[np.asarray(where, bool)]
+            where = np.asarray(where, bool)
+            if where.shape != values.shape:
+                raise ValueError(f"flag_rate: where has {where.size} entries for {values.size} images; pass one "
+                                 "boolean per image")
+            values = values[where]
         return float(values.mean()) if values.size else 0.0
 
     @property

@@ -116,6 +116,16 @@ def test_common_dataset_layouts_are_read_as_images_and_labels(cnn, small):
         explain_batch(cnn, names, "saliency", progress=False)
 
 
+def test_flag_rate_names_a_wrong_signal_or_selection(cnn, small):
+    """A mistyped signal read as 'never flagged' (0.0), and a short selection raised numpy's IndexError."""
+    r = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
+    assert 0.0 <= r.flag_rate("hotspot", where=[True] * len(r)) <= 1.0
+    with pytest.raises(ValueError, match=r"unknown signal 'outsde'"):
+        r.flag_rate("outsde")
+    with pytest.raises(ValueError, match=r"where has 1 entries for 5 images"):
+        r.flag_rate(where=[True])
+
+
 def test_a_uint8_tensor_is_taken_as_pixels_as_in_a_dataloader_batch(cnn, small):
     """The docstring says uint8 tensors are pixels: a tensor passed directly was refused as not float."""
     listed = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
