@@ -286,6 +286,8 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     source = _Source(images, batch_size)
     total = source.total
     mask_list = _mask_list(masks, total)
+    if isinstance(target, (list, tuple, np.ndarray, torch.Tensor)) and total is not None and len(target) > total:
+        raise ValueError(f"target: got {len(target)} targets for {total} images; pass one per image or one for all")
     work = total * (2 if faithfulness else 1) if total is not None else None
     bar = _Progress(work, f"{method}", progress)
     attribute_kwargs = {k: params[k] for k in ("preprocess", "labels") if k in params}

@@ -124,6 +124,8 @@ def test_flag_rate_names_a_wrong_signal_or_selection(cnn, small):
         r.flag_rate("outsde")
     with pytest.raises(ValueError, match=r"where has 1 entries for 5 images"):
         r.flag_rate(where=[True])
+    with pytest.raises(ValueError, match=r"target: got 6 targets for 5 images"):    # the extra was dropped
+        explain_batch(cnn, list(small["images"]), "saliency", target=[0] * 6, progress=False)
 
 
 def test_a_uint8_tensor_is_taken_as_pixels_as_in_a_dataloader_batch(cnn, small):
