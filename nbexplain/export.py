@@ -73,6 +73,9 @@ def save(exp: Attribution, path: str | os.PathLike, **view: Any) -> str:
     """Write ``exp`` by extension: .png overlay (+ provenance text chunk), .npz, .json, .html report."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save: {path!r} is a folder; pass a file name in it ending in .png, .npz, .json "
+                                "or .html")
     if ext == ".json":
         with open(path, "w") as f:
             f.write(to_json(exp))
@@ -150,9 +153,13 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
             raise ValueError(f"replay: the export's input is corrupt ({type(e).__name__}: {e}); pass image=... "
                              "or export the attribution again") from None
     from .images import Preprocess
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["preprocess"].items()}) \
-        if d.get("preprocess") else None
-    params = dict(d["params"])
+    try:
+        pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["preprocess"].items()}) \
+            if d.get("preprocess") else None
+        params = dict(d["params"])
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"replay: the export's preprocess or params field is corrupt ({type(e).__name__}: {e}); "
+                         "export the attribution again") from None
     for name, note in params.items():
         if isinstance(note, dict) and "tensor" in note:
             params[name] = _tensor_param(name, note, tensors.get(name), d.get("tensors", {}).get(name))

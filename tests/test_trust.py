@@ -141,6 +141,11 @@ def test_replay_reads_export_files_and_names_what_is_wrong(cnn, batch, tmp_path)
     doc = json.loads(e.to_json())
     with pytest.raises(ValueError, match=r"input is corrupt.*pass image="):
         nbx.replay(dict(doc, input={"data": "aaaa"}), cnn)
+    for bad in ({"params": [1]}, {"preprocess": {"size": "abc"}}, {"preprocess": {"foo": 1}}):
+        with pytest.raises(ValueError, match=r"preprocess or params field is corrupt"):
+            nbx.replay(dict(doc, **bad), cnn)
+    with pytest.raises(IsADirectoryError, match="is a folder; pass a file name in it"):
+        e.save(tmp_path)
 
 
 def test_replay_of_a_tensor_input(cnn, batch):
