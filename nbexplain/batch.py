@@ -11,18 +11,20 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .api import attribute
 from .attribution import Attribution
 from .calls import call, eager, inputs_for, probabilities
 from .hygiene import borrowed, model_device
-from .images import area_resize
+from .images import area_resize, to_pil
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
 from .trust.shortcuts import GROW, OUTSIDE_FLAG, fixed_hotspots, outside_share
@@ -81,7 +83,7 @@ class BatchResult:
     def __init__(self, items: list[BatchItem], *, model: torch.nn.Module, method: str, params: dict,
                  class_names: Sequence[str] | None, flag_rule: str, hotspot: tuple[float, float] | None,
                  has_masks: bool, attribute_kwargs: dict | None = None,
-                 outside_threshold: float = OUTSIDE_FLAG) -> None:
+                 outside_threshold: float = OUTSIDE_FLAG, skipped: Sequence[tuple[int, str, str]] = ()) -> None:
         self.items = items
         self.model = model
         self.method = method
@@ -92,6 +94,7 @@ class BatchResult:
         self.has_masks = has_masks
         self.attribute_kwargs = dict(attribute_kwargs or {})   # preprocess=, labels= as given
         self.outside_threshold = outside_threshold
+        self.skipped = list(skipped)        # (input position, file name, why) of image files that could not be read
 
     def rescore(self, masks: Sequence[np.ndarray] | np.ndarray | None = None, *, flag_rule: str = "auto",
                 outside_threshold: float | None = None) -> "BatchResult":
@@ -108,7 +111,7 @@ class BatchResult:
         return BatchResult(items, model=self.model, method=self.method, params=self.params,
                            class_names=self.class_names, flag_rule=flag_rule, hotspot=hotspot,
                            has_masks=mask_list is not None, attribute_kwargs=self.attribute_kwargs,
-                           outside_threshold=threshold)
+                           outside_threshold=threshold, skipped=self.skipped)
 
     # --- a sequence of items ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -170,6 +173,10 @@ class BatchResult:
             keys = [float(it.flagged) + 1e-3 * it.metrics.get("outside_share", 0.0) for it in self.items]
             desc = True if descending is None else descending
         elif by in METRICS:
+            if not any(by in it.metrics for it in self.items):
+                how = "pass masks= to explain_batch or rescore()" if by == "outside_share" else \
+                    "pass faithfulness=True to explain_batch"
+                raise ValueError(f"sort: {by!r} was not computed for this batch; {how}")
             keys = [it.metrics.get(by, math.nan) for it in self.items]
             desc = METRICS[by][1] if descending is None else descending
         else:
@@ -233,6 +240,8 @@ class BatchResult:
                 parts.append(f"{signal}: {self.flag_rate(signal):.0%}")
         if self.hotspot is not None:
             parts.append(f"fixed hotspot at row {self.hotspot[0]:.0f}, col {self.hotspot[1]:.0f}")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} unreadable file{'s' if len(self.skipped) != 1 else ''} skipped")
         return "; ".join(parts)
 
     def __repr__(self) -> str:
@@ -261,7 +270,9 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     ``images``: a list (paths, PIL images, HWC arrays, (C,H,W) tensors), an (N,H,W,3) uint8 array, an
     (N,C,H,W) preprocessed tensor, a folder of image files, a Dataset, or a DataLoader yielding ``images``,
     ``(images, labels)``, ``(images, labels, masks)`` or dicts with 'image'/'label'/'mask' keys; float
-    tensors are taken as model input (already preprocessed), uint8 tensors as pixels.
+    tensors are taken as model input (already preprocessed), uint8 tensors as pixels. An image file that
+    cannot be read is skipped with a warning and listed in the result's ``skipped``; per-image
+    ``target``, ``masks``, ``true_labels`` and ``names`` are given for every input image, readable or not.
     ``progress``: True (a bar in a notebook, a line on stderr elsewhere), False, or ``f(done, total)``.
     ``masks``: per image an (H,W) bool object mask on the image's own grid; gives ``outside_share``
     (share of the top 5 % of positive evidence outside the grown mask) and the 'outside' flag.
@@ -295,10 +306,10 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     item_names: list[str] = []
     truths: list[int | None] = []
     loader_masks: list[np.ndarray | None] = []
+    positions: list[int] = []
     try:
         for chunk in source:
-            start = len(exps)
-            chunk_target = _slice_target(target, start, len(chunk.images))
+            chunk_target = _pick_target(target, chunk.positions)
             done = bar.value
 
             def report(fraction: float, _done=done, _n=len(chunk.images)) -> None:
@@ -310,27 +321,40 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
             item_names.extend(chunk.names)
             truths.extend(chunk.labels)
             loader_masks.extend(chunk.masks)
-            bar.update(done + len(chunk.images))
+            positions.extend(chunk.positions)
+            bar.update(len(exps) + len(source.skipped))     # input images handled so far
+        given = len(exps) + len(source.skipped)        # images in the input, readable or not
         if not exps:
+            if source.skipped:
+                raise ValueError(f"images: none of the {given} image files could be read; first: "
+                                 f"{source.skipped[0][1]!r} ({source.skipped[0][2]})")
             raise ValueError("images: nothing to explain (the input yielded no images)")
         if mask_list is None and any(m is not None for m in loader_masks):
             mask_list = loader_masks
-        if mask_list is not None and len(mask_list) != len(exps):
-            raise ValueError(f"masks: got {len(mask_list)} masks for {len(exps)} images")
+        elif mask_list is not None:
+            if len(mask_list) != given:
+                raise ValueError(f"masks: got {len(mask_list)} masks for {given} images")
+            mask_list = [mask_list[p] for p in positions]
         if true_labels is not None:
-            if len(true_labels) != len(exps):
-                raise ValueError(f"true_labels: got {len(true_labels)} for {len(exps)} images")
-            truths = [int(t) for t in true_labels]
+            if len(true_labels) != given:
+                raise ValueError(f"true_labels: got {len(true_labels)} for {given} images")
+            truths = [int(true_labels[p]) for p in positions]
         if names is not None:
-            if len(names) != len(exps):
-                raise ValueError(f"names: got {len(names)} for {len(exps)} images")
-            item_names = [str(n) for n in names]
-        if bar.total is None:
-            bar.set_total(len(exps) * (2 if faithfulness else 1))
+            if len(names) != given:
+                raise ValueError(f"names: got {len(names)} for {given} images")
+            item_names = [str(names[p]) for p in positions]
+        if source.skipped:
+            listed = "; ".join(f"{name} ({why})" for _, name, why in source.skipped[:3])
+            more = f" and {len(source.skipped) - 3} more" if len(source.skipped) > 3 else ""
+            warnings.warn(f"explain_batch: skipped {len(source.skipped)} of {given} image files that could not "
+                          f"be read: {listed}{more}. The result's .skipped lists them all; fix or remove them "
+                          "to include them.", stacklevel=2)
+        if bar.total is None or source.skipped:
+            bar.set_total(given + (len(exps) if faithfulness else 0))
         probs = _target_probabilities(model, exps)
         curves = None
         if faithfulness:
-            base = len(exps)
+            base = given
             curves = batched_curves(model, exps, steps=faithfulness_steps, fill=fill,
                                     batch_size=max(4 * batch_size, 2 * (faithfulness_steps + 1)),
                                     progress=lambda k: bar.update(base + k))
@@ -342,7 +366,8 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
                                                                    if k not in ("preprocess", "labels")},
                        class_names=describe(model, params.get("preprocess"), params.get("labels")).labels,
                        flag_rule=flag_rule, hotspot=hotspot, has_masks=mask_list is not None,
-                       attribute_kwargs=attribute_kwargs, outside_threshold=outside_threshold)
+                       attribute_kwargs=attribute_kwargs, outside_threshold=outside_threshold,
+                       skipped=source.skipped)
 
 
 def _score(exps: list[Attribution], names: list[str], truths: list, probs: list[float],
@@ -398,6 +423,7 @@ class _Chunk:
     names: list[str]
     labels: list[int | None]
     masks: list[np.ndarray | None]
+    positions: list[int]            # each image's place in the input (per-image targets, masks, labels)
 
 
 class _Source:
@@ -409,6 +435,7 @@ class _Source:
         self.items: list | None = None
         self.tensor: torch.Tensor | None = None
         self.names: list[str] | None = None
+        self.skipped: list[tuple[int, str, str]] = []     # (input position, name, why) of unreadable files
         if isinstance(images, (str, os.PathLike)):
             path = os.fspath(images)
             if os.path.isdir(path):
@@ -456,13 +483,14 @@ class _Source:
         b = self.batch_size
         if self.items is not None:
             for s in range(0, len(self.items), b):
-                part = self.items[s:s + b]
-                yield _Chunk(part, self.names[s:s + b], [None] * len(part), [None] * len(part))
+                part, pos = self._readable(s, self.items[s:s + b])
+                if part:
+                    yield _Chunk(part, [self.names[p] for p in pos], [None] * len(part), [None] * len(part), pos)
         elif self.tensor is not None:
             for s in range(0, self.tensor.shape[0], b):
                 part = self.tensor[s:s + b]
-                yield _Chunk(part, [f"image {s + j}" for j in range(len(part))], [None] * len(part),
-                             [None] * len(part))
+                pos = list(range(s, s + len(part)))
+                yield _Chunk(part, [f"image {p}" for p in pos], [None] * len(part), [None] * len(part), pos)
         else:
             seen = 0
             for batch in self.loader:
@@ -470,10 +498,26 @@ class _Source:
                 for s in range(0, len(images), b):
                     part = images[s:s + b]
                     n = len(part)
-                    yield _Chunk(part, [f"image {seen + j}" for j in range(n)],
+                    pos = list(range(seen, seen + n))
+                    yield _Chunk(part, [f"image {p}" for p in pos],
                                  labels[s:s + b] if labels is not None else [None] * n,
-                                 masks[s:s + b] if masks is not None else [None] * n)
+                                 masks[s:s + b] if masks is not None else [None] * n, pos)
                     seen += n
+
+    def _readable(self, start: int, part: list) -> tuple[list, list[int]]:
+        """The chunk with its image files opened; a file that cannot be read is listed in ``skipped``
+        (one bad JPEG in a folder of thousands should not cost the whole run)."""
+        kept, pos = [], []
+        for j, item in enumerate(part):
+            if isinstance(item, (str, os.PathLike)):
+                try:
+                    item = to_pil(item)
+                except (OSError, ValueError, Image.DecompressionBombError) as e:
+                    self.skipped.append((start + j, self.names[start + j], f"{type(e).__name__}: {e}"))
+                    continue
+            kept.append(item)
+            pos.append(start + j)
+        return kept, pos
 
 
 def _collate(items: list) -> Any:
@@ -565,14 +609,14 @@ def _as_images(images: Any) -> Any:
     return list(images)
 
 
-def _slice_target(target: Any, start: int, n: int) -> Any:
+def _pick_target(target: Any, positions: list[int]) -> Any:
+    """The targets of the images at these input positions (one per image given), or the one for all."""
     if isinstance(target, (list, tuple, np.ndarray, torch.Tensor)):
         seq = target.tolist() if hasattr(target, "tolist") else list(target)
-        part = seq[start:start + n]
-        if len(part) != n:
+        if positions and positions[-1] >= len(seq):
             raise ValueError(f"target: got {len(seq)} targets, fewer than the images; pass one per image "
                              "or one for all")
-        return part
+        return [seq[p] for p in positions]
     return target
 
 

@@ -78,6 +78,49 @@ def test_batch_over_a_list_a_folder_and_a_dataloader_gives_the_same_per_image_re
         assert a.target == b.target == c.target
 
 
+def test_an_unreadable_file_in_a_folder_is_skipped_and_listed_with_its_neighbours_kept_aligned(cnn, small, tmp_path):
+    """One corrupt JPEG among thousands used to cost the whole run; per-image targets, masks, true labels
+    and names must stay with their own images once it is dropped."""
+    images = list(small["images"])
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"img_{i:02d}.png")
+    (folder / "img_01b.png").write_bytes(b"\x89PNG truncated")        # sorts second: between img_01 and img_02
+    (folder / "img_03b.jpg").write_bytes(b"")
+    targets, labels = [1, 2, 9, 3, 0, 9, 1], [0, 1, 9, 2, 3, 9, 0]   # 9: the unreadable files'
+    m = list(small["object_mask"])
+    masks = m[:2] + [np.zeros((1, 1), bool)] + m[2:4] + [np.zeros((1, 1), bool)] + m[4:]
+    with pytest.warns(UserWarning, match=r"skipped 2 of 7 image files.*img_01b\.png \(.*Error.*img_03b\.jpg"):
+        r = explain_batch(cnn, folder, "saliency", target=targets, true_labels=labels, masks=masks,
+                          batch_size=2, progress=False)
+    assert [it.name for it in r] == [f"img_{i:02d}.png" for i in range(5)]
+    assert [it.target for it in r] == [1, 2, 3, 0, 1] and [it.true_label for it in r] == [0, 1, 2, 3, 0]
+    assert [p for p, _, _ in r.skipped] == [2, 5] and [n for _, n, _ in r.skipped] == ["img_01b.png", "img_03b.jpg"]
+    assert "2 unreadable files skipped" in r.summary()
+    whole = explain_batch(cnn, images, "saliency", target=[1, 2, 3, 0, 1], masks=small["object_mask"], progress=False)
+    for a, b in zip(whole, r):
+        np.testing.assert_allclose(a.map, b.map, atol=1e-6)
+        assert a.metrics["outside_share"] == pytest.approx(b.metrics["outside_share"])
+    assert r.rescore(masks=None).skipped == r.skipped
+    with pytest.raises(ValueError, match=r"masks: got 5 masks for 7 images"):
+        explain_batch(cnn, folder, "saliency", masks=small["object_mask"], progress=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"nope")
+    with pytest.raises(ValueError, match=r"none of the 1 image files could be read; first: 'a.png' \(.*Error"):
+        explain_batch(cnn, bad, "saliency", progress=False)
+
+
+def test_sorting_by_a_metric_that_was_not_computed_says_how_to_get_it(cnn, small):
+    r = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
+    with pytest.raises(ValueError, match=r"'deletion_auc' was not computed.*faithfulness=True"):
+        r.order("deletion_auc")
+    with pytest.raises(ValueError, match=r"'outside_share' was not computed.*masks="):
+        r.table(sort_by="outside_share")
+    assert r.order("prob", descending=True) == sorted(range(5), key=lambda i: -r[i].metrics["prob"])
+
+
 def test_common_dataset_layouts_are_read_as_images_and_labels(cnn, small):
     """(image, label, file name) loaders, datasets of pictures (ImageFolder without a transform), generators
     of pictures or (picture, label) pairs, one-hot labels: each used to fail, some after all the work."""
