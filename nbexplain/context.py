@@ -13,7 +13,8 @@ from torch import nn
 from .calls import call
 from .hygiene import forward_hooks, hooked, modules_of, unfused_attention
 from .images import Preprocess
-from .layers import Layer, as_spatial, channels_first, checked, first_tensor, resolve, submodule, token_layout
+from .layers import (Layer, as_spatial, channels_first, checked, first_tensor, output_module, resolve, submodule,
+                     token_layout)
 from .folding import folded, folded_weights
 from .speed import Plan, plan, single_format
 from .stem import input_gradient_sum, input_stem, summed_at_stem
@@ -233,6 +234,7 @@ class Context:
     def _capture(self, layers: list[Layer], gradients: bool, input_grad: bool):
         modules = {layer.name: submodule(self.model, layer.name) for layer in layers}
         outputs: dict[str, torch.Tensor] = {}
+        hooked = {name: output_module(m) for name, m in modules.items()}
 
         def hook_for(name):
             def hook(_m, _inp, out):
@@ -247,12 +249,13 @@ class Context:
         x = self.x.detach().requires_grad_(input_grad)
         self.layout(len(x) >= 2)
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
-                forward_hooks((modules[layer.name], hook_for(layer.name)) for layer in layers):
+                forward_hooks((hooked[layer.name], hook_for(layer.name)) for layer in layers):
             logits = self.forward(x)
             targets = self.seen(logits)
             missing = [layer.name for layer in layers if layer.name not in outputs]
             if missing:
-                raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass")
+                raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass (the model may call "
+                                   "its children directly); pick one of its sub-layers from nbx.layers(model)")
             for layer in layers:
                 got_shape = channels_first(modules[layer.name], outputs[layer.name], self.model).shape
                 checked(self.model, layer, modules[layer.name], tuple(got_shape), tuple(self.x.shape))
@@ -356,3 +359,4 @@ class _PositiveGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.clamp(min=0)
+

@@ -227,6 +227,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     x = x.requires_grad_(tracked).clone()
     with borrowed(model), torch.enable_grad(), forward_hooks((m, record) for m in names), size_hint(x):
         model(x)
+    _add_skipped_containers(seen, names)
     # a model that cuts the graph itself (no_grad in its forward) tells nothing by it
     tracked = tracked and any(entry[4] for entry in seen)
     layers: list[Layer] = []
@@ -247,6 +248,29 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     while len(per_model) > 4:                      # bounded: a few input sizes per model
         per_model.popitem(last=False)
     return layers, by_name
+
+
+def _add_skipped_containers(seen: list, names: dict) -> None:
+    """Entries for the plain Sequentials that did not run because the model called their children one by one
+    (timm's gradient checkpointing): each gives its last child's output, so it is listed right after it."""
+    ran = {entry[0] for entry in seen}
+    skipped = [(n, m) for m, n in names.items() if n not in ran and output_module(m) is not m]
+    for name, module in sorted(skipped, key=lambda nm: -nm[0].count(".")):     # inner containers first
+        inside = [i for i, entry in enumerate(seen) if entry[0].startswith(name + ".")]
+        if not inside or seen[inside[-1]][0] != names.get(output_module(module)):
+            continue                                # its last child did not run last either
+        _, _, shape, _, depends = seen[inside[-1]]
+        seen.insert(inside[-1] + 1, (name, module, shape, True, depends))
+
+
+def output_module(module: nn.Module) -> nn.Module:
+    """The module whose output is ``module``'s: a plain ``nn.Sequential`` returns its last child's output,
+    and a model may call those children without the container (timm's gradient checkpointing runs a
+    ResNet's blocks one by one), so the hook goes on the last child. Not past a container that carries
+    a hook of the user's: it may change what the container returns."""
+    while type(module).forward is nn.Sequential.forward and len(module) > 0 and not module._forward_hooks:
+        module = module[-1]
+    return module
 
 
 def reading(model: nn.Module, name: str, module: nn.Module, shape: tuple, input_shape: tuple[int, ...],

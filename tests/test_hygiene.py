@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import nbexplain as nbx
 from conftest import make_model
@@ -232,3 +233,27 @@ def test_the_batch_and_trust_tools_run_a_compiled_model_through_its_eager_module
     nbx.explain_batch(compiled, torch.randn(2, 3, SIZE, SIZE), "saliency", faithfulness=True, progress=False)
     assert compiles == [], "Dynamo compiled the model: a tool called the compiled wrapper"
     assert hook_count(model) == 0
+
+
+def test_a_users_hook_on_a_sequential_layer_is_part_of_what_a_cam_reads():
+    """A Sequential's output is its last child's, so a CAM may read it there (a checkpointed model never
+    calls the container), but not when the user's hook on the container changes what it returns."""
+    class ZeroFirst(nn.Module):
+        def forward(self, t):
+            return torch.cat([torch.zeros_like(t[:, :2]), t[:, 2:]], 1)
+
+    def body(*extra):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *extra)
+
+    hooked = nn.Sequential(body(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    built_in = nn.Sequential(body(ZeroFirst()), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    built_in[3].load_state_dict(hooked[3].state_dict())
+    handle = hooked[0].register_forward_hook(lambda m, i, out: ZeroFirst()(out))
+    x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(2))
+    for method in ("gradcam", "eigencam"):
+        got = nbx.attribute(hooked, x, method, layer="0", target=1)
+        want = nbx.attribute(built_in, x, method, layer="0", target=1)
+        torch.testing.assert_close(got.raw, want.raw)
+    assert len(hooked[0]._forward_hooks) == 1
+    handle.remove()

@@ -492,10 +492,13 @@ def test_with_gradient_checkpointing_no_pass_swaps_weights_or_forwards():
         sg = dict(target=TARGET, samples=4, noise=0.1, seed=1, batch_size=8)
         assert_close(torch.cat([a.raw for a in nbx.attribute(model, x, "smoothgrad", **sg)]),
                      torch.cat([a.raw for a in nbx.attribute(plain, x, "smoothgrad", **sg)]))
-        cams = nbx.attribute(model, x, "gradcam", target=TARGET)
-        layer = cams[0].meta["layer"]        # checkpointed stages run their blocks, not the stage module
-        assert_close(torch.cat([a.raw for a in cams]),
-                     torch.cat([a.raw for a in nbx.attribute(plain, x, "gradcam", target=TARGET, layer=layer)]))
+        # checkpointed stages run their blocks, not the stage module: a stage is read at its last block,
+        # so the layer list, the default layer and a stage named by the user are the plain model's
+        assert nbx.layers(model) == nbx.layers(plain)
+        for layer in (None, nbx.layers(plain)[-1]["name"], nbx.layers(plain)[-2]["name"]):
+            cams, ref = (nbx.attribute(m, x, "gradcam", target=TARGET, layer=layer) for m in (model, plain))
+            assert cams[0].meta["layer"] == ref[0].meta["layer"]
+            assert_close(torch.cat([a.raw for a in cams]), torch.cat([a.raw for a in ref]))
         assert model.grad_checkpointing and hook_count(model) == 0
 
 
