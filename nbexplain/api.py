@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .methods import REGISTRY, get as get_method
-from ._errors import closest
+from ._errors import closest, positive_int
 from .attribution import Attribution, display_map, normalise, on_image
 from .calls import eager, inputs_for, probabilities
 from .context import Context
@@ -85,11 +85,9 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         raise ValueError(f"method {spec.name!r} needs a Vision Transformer: it reads timm-style attention "
                          f"modules (an 'attn_drop' after the softmax), and {type(model).__name__} has none. Use "
                          "'gradcam', 'integrated_gradients' or 'occlusion', which work on any model")
-    if isinstance(batch_size, np.integer):
-        batch_size = int(batch_size)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r}: expected a positive integer (samples per forward), "
-                         "or None to choose one from the free memory")
+    if batch_size is not None:
+        batch_size = positive_int("batch_size", batch_size,
+                                  "samples per forward, or None to choose one from the free memory")
     # gradients are needed even when the caller is inside torch.inference_mode()
     with torch.inference_mode(False), borrowed(model), full_precision():
         x = inputs_for(model, x)

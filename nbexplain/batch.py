@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._errors import positive_int
 from .api import attribute
 from .attribution import Attribution
 from .calls import call, eager, inputs_for, probabilities
@@ -288,9 +289,8 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     """
     if flag_rule not in FLAG_RULES:
         raise ValueError(f"flag_rule: use one of {', '.join(FLAG_RULES)}")
-    for name, value in (("batch_size", batch_size), ("faithfulness_steps", faithfulness_steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive integer")
+    batch_size = positive_int("batch_size", batch_size, "images per call")
+    faithfulness_steps = positive_int("faithfulness_steps", faithfulness_steps, "deletion/insertion steps")
     if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 16):
         raise ValueError(f"max_side={max_side!r}: expected an integer of at least 16, or None for full size")
     model = eager(model)            # its own passes (probabilities, curves) too, not only attribute()'s

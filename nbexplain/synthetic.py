@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._errors import positive_int
+
 CLASSES = ("red", "yellow", "green", "blue")
 IMG = 64
 MEAN = (0.5, 0.5, 0.5)
@@ -135,8 +137,7 @@ def load_synthetic(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
 
 def _check_args(n: int, marker_rate: float, conflict_rate: float, stamp: bool | None) -> None:
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    positive_int("n", n, "how many images")
     for label, rate in (("marker_rate", marker_rate), ("conflict_rate", conflict_rate)):
         if not 0.0 <= rate <= 1.0:
             raise ValueError(f"{label} must be in [0, 1], got {rate!r}")

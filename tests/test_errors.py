@@ -13,6 +13,7 @@ from torch import nn
 
 import nbexplain as nbx
 from conftest import make_model
+from nbexplain import trust
 
 X = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
 
@@ -189,10 +190,18 @@ def test_torchscript_models_run_the_pixel_methods_and_get_a_clear_error_for_hook
     assert hook_count(cnn) == 0
 
 
-@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
-def test_batch_size_must_be_a_positive_integer(cnn, bad):
-    with pytest.raises(ValueError, match=rf"batch_size={bad!r}: expected a positive integer"):
-        nbx.attribute(cnn, X, "integrated_gradients", steps=4, batch_size=bad)
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
+def test_batch_size_must_be_a_positive_integer_with_one_error_everywhere(cnn, bad):
+    """A count that is no integer is a TypeError (and a ValueError, as the other argument checks raise);
+    one below 1 a ValueError; attribute, explain_batch and deletion_insertion say it the same way."""
+    error = ValueError if type(bad) is int else TypeError
+    calls = (lambda: nbx.attribute(cnn, X, "integrated_gradients", steps=4, batch_size=bad),
+             lambda: nbx.explain_batch(cnn, X, "saliency", batch_size=bad, progress=False),
+             lambda: trust.deletion_insertion(cnn, nbx.attribute(cnn, X, "saliency"), batch_size=bad))
+    for call in calls:
+        with pytest.raises(error, match=rf"batch_size={bad!r}: expected a positive integer \("):
+            call()
+    assert nbx.attribute(cnn, X, "integrated_gradients", steps=4, batch_size=np.int64(2)).map.shape == (64, 64)
 
 
 # ------------------------------------------------------------------------------------- targets

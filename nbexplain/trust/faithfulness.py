@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._errors import positive_int
 from ..attribution import Attribution, display_map
 from ..calls import call, eager, inputs_for, probabilities
 from ..hygiene import borrowed
@@ -53,8 +54,8 @@ def deletion_insertion(model, exp: Attribution, *, saliency: np.ndarray | torch.
     if not isinstance(exp, Attribution):
         raise TypeError(f"exp: expected an Attribution from nbx.attribute, got {type(exp).__name__}; "
                         "pass one attribution, or use nbx.explain_batch(model, images, faithfulness=True) for many")
-    _positive_int("steps", steps, "how many steps from 0 to 100 % of the pixels, e.g. 20")
-    _positive_int("batch_size", batch_size, "images per forward pass, e.g. 32")
+    positive_int("steps", steps, "how many steps from 0 to 100 % of the pixels, e.g. 20")
+    positive_int("batch_size", batch_size, "images per forward pass, e.g. 32")
     if fill not in ("blur", "mean"):
         raise ValueError("fill: use 'blur' or 'mean'")
     if exp.input is None:
@@ -86,13 +87,6 @@ def _check_model(model, exp: Attribution) -> None:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
-def _positive_int(name: str, value, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}={value!r}: expected a positive integer ({meaning})")
-    if value < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer ({meaning})")
 
 
 def _saliency(saliency, shape: tuple[int, ...]) -> torch.Tensor:
