@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .hygiene import hooked
+from .hygiene import global_hooks, hooked
 
 Pair = tuple[nn.Conv2d, nn.BatchNorm2d]
 
@@ -106,7 +106,7 @@ def folded(pairs: list[Pair], weights: list[tuple[torch.Tensor, torch.Tensor] | 
     A pair with a hook on either module stays as it is (a CAM reading that layer, or the user's own
     hook, sees what the unfolded model computes). Autograd keeps the folded weight it used, so the
     backward pass after this block is still the folded one. Yields how many pairs are folded."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if global_hooks():
         yield 0
         return
     saved = []

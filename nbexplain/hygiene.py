@@ -86,6 +86,14 @@ def hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+def global_hooks() -> bool:
+    """Whether hooks registered for every module are set (``nn.modules.module.register_module_forward_hook``
+    and kin): they see every module, so no fast path may change what runs."""
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
+
 @contextmanager
 def full_precision() -> Iterator[None]:
     """FP32 convolutions and matmuls on CUDA (TF32 off) for the call, so GPU maps match the CPU's;

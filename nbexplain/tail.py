@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .calls import call
-from .hygiene import hooked
+from .hygiene import global_hooks, hooked
 from .layers import core
 from .speed import once_per_shape, same_logits
 
@@ -75,11 +75,7 @@ def _candidates(net: nn.Module) -> list[int]:
 
 def _unsafe(model: nn.Module) -> bool:
     """A hook may read the block's dead tokens (or any module after it): then the model runs whole."""
-    g = nn.modules.module
-    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
-            or g._global_backward_pre_hooks):
-        return True
-    return any(hooked(m) for m in model.modules())
+    return global_hooks() or any(hooked(m) for m in model.modules())
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 never at the cost of a different answer."""
 from __future__ import annotations
 
+import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
 from torch import nn
@@ -183,6 +184,29 @@ def test_a_conv_output_that_feeds_more_than_its_batchnorm_is_not_folded():
     ours = nbx.attribute(model, x, "saliency", target=3)
     ref = Saliency(model).attribute(x.clone(), target=3, abs=False)
     assert_close(torch.cat([a.raw for a in ours]), ref)
+
+
+def test_a_hook_on_every_module_turns_every_fast_path_off():
+    """A global hook sees every module: a folded BatchNorm passing its input on, or a ViT's last block
+    leaving all but the class token as they came in, would show it something the model does not compute."""
+    cnn, vit, x = make_model("resnet"), make_model("vit"), make_input(2)
+    last_block = [m for m in vit.modules() if type(m).__name__ == "Block"][-1]
+    passed_on = []
+
+    def record(m, inp, out):
+        batched = isinstance(out, torch.Tensor) and len(out) > 1 and torch.is_grad_enabled()
+        if batched and isinstance(m, nn.BatchNorm2d):
+            passed_on.append(torch.equal(out, inp[0]))
+        if batched and m is last_block:
+            passed_on.append(torch.equal(out[:, 1:], inp[0][:, 1:]))
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        for m in (cnn, vit):
+            nbx.attribute(m, x, "integrated_gradients", target=TARGET, steps=4, baseline="zeros")
+    finally:
+        handle.remove()
+    assert passed_on and not any(passed_on)
 
 
 def test_a_hooked_conv_is_not_folded_and_every_module_is_restored(zoo):
