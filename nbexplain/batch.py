@@ -285,6 +285,9 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
     move between images: on centred photos every peak is in the middle.
     ``max_side``: each item keeps its image and map with the longer side at most this many pixels
     (masks may still be given on the full-size grid); None keeps full size (84 MB per 12 MP photo).
+    Each item also keeps its model input and method-native tensor (for later trust checks and exports):
+    about 1.5 MB per 224-px image for pixel methods, so explain tens of thousands of images in slices
+    and keep each slice's ``table()``.
     Other keywords go to ``nbx.attribute`` (``steps=16``, ``layer=``, ``preprocess=``, ``labels=``…).
     """
     if flag_rule not in FLAG_RULES:
