@@ -33,3 +33,22 @@ def test_the_readme_example_of_an_own_method_runs():
         torch.testing.assert_close(ns["maps"].raw, plain.raw.abs() ** 2)
     finally:
         REGISTRY.pop("gradient_power", None)
+
+
+def test_the_readme_use_example_runs_as_written(tmp_path, monkeypatch):
+    """Copied into a notebook, the first example must run: every file it reads, it wrote first."""
+    import re
+    import numpy as np
+    import nbexplain as nbx
+    code = re.search(r"<!-- use -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    code = code.replace('steps=64', 'steps=8')          # the same calls, fewer IG steps for the CPU
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(code, ns)
+    w = ns["w"]
+    try:
+        assert w.result is not None and w.result.meta["layer"] == "blocks.5"
+        assert ns["exp"].map.shape == np.asarray(ns["img"]).shape[:2]
+        assert (tmp_path / "cat.png").exists()
+    finally:
+        w.close()
