@@ -361,3 +361,29 @@ def test_similarity_of_maps_of_different_shapes_is_refused_clearly():
     for f in (trust.ssim, trust.spearman):
         with pytest.raises(ValueError, match=r"shapes \(4, 4\) and \(5, 5\) differ"):
             f(np.random.rand(4, 4), np.random.rand(5, 5))
+
+
+def test_maps_of_a_photo_are_compared_where_the_model_saw_it(cnn):
+    """A wide photo's map is zero outside the model's centre crop (half of it here): counted, those pixels
+    agreed between any two maps, and the default model's saliency failed the randomisation test on the
+    bundled cat photo (Spearman 0.89 where the crop gives 0.15)."""
+    img = make_batch(1, seed=3)["images"][0]
+    noise = np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)
+    wide = np.concatenate([noise, img, noise[:, ::-1]], 1)
+    methods = ["saliency", "gradcam"]
+    assert nbx.attribute(cnn, wide, "saliency").meta["crop_box"] == [32.0, 0.0, 96.0, 64.0]
+    agree = {name: trust.agreement(cnn, pic, methods).matrix[0, 1] for name, pic in (("wide", wide), ("seen", img))}
+    assert agree["wide"] == pytest.approx(agree["seen"], abs=1e-3)
+    groups = ["fc", "layer4"]
+    rand = {name: trust.randomization_test(cnn, pic, ["saliency"], groups=groups).scores["saliency"]["spearman_abs"]
+            for name, pic in (("wide", wide), ("seen", img))}
+    np.testing.assert_allclose(rand["wide"], rand["seen"], atol=1e-3)
+
+
+def test_spearman_gives_tied_values_their_average_rank():
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 20)), rng.normal(size=(20, 20))
+    a[:, :12] = b[:, :12] = 0                             # a shared ReLU'd area
+    a[0, 12:] = 3.0                                       # and ties of another value
+    assert trust.spearman(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel())[0], abs=1e-12)

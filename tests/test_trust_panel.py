@@ -64,7 +64,7 @@ def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image
 
 def test_disagreeing_methods_get_a_warning_line(cnn, image, monkeypatch):
     import nbexplain.trust.panel as panel_module
-    monkeypatch.setattr(panel_module, "spearman", lambda a, b: -0.2)
+    monkeypatch.setattr(panel_module, "rank_agreement", lambda exps: np.array([[1.0, -0.2], [-0.2, 1.0]]))
     panel = TrustPanel(cnn, image, methods=["gradcam", "saliency"], groups=["layer4.0", "fc"]).run()
     assert panel.agreement.disagree
     assert "methods disagree: mean rank correlation -0.20 &lt; 0.3" in panel.warning.value

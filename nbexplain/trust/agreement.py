@@ -11,7 +11,7 @@ import torch
 from ..api import attribute
 from ..methods import get as get_method
 from ..methods.baselines import NeedsPreprocess
-from .similarity import spearman
+from .similarity import rank_agreement
 
 DISAGREE_BELOW = 0.3
 
@@ -53,12 +53,7 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
     exps = []
     for m in methods:
         exps.append(explain_one(model, image, m, target if not exps else exps[0].target, params))
-    n = len(methods)
-    matrix = np.eye(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            matrix[i, j] = matrix[j, i] = spearman(np.abs(exps[i].map), np.abs(exps[j].map))
-    result = Agreement(list(methods), matrix, exps[0].target)
+    result = Agreement(list(methods), rank_agreement(exps), exps[0].target)
     if result.disagree:
         warnings.warn(f"methods disagree: mean rank correlation {result.mean_offdiagonal:.2f} < {DISAGREE_BELOW} "
                       f"for {', '.join(methods)}; no single map should be trusted here", stacklevel=2)

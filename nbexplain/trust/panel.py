@@ -21,7 +21,7 @@ from ..replica import Replica
 from .agreement import DISAGREE_BELOW, Agreement, explain_one, method_names, one_image
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
-from .similarity import spearman
+from .similarity import rank_agreement
 
 DEFAULT_METHODS = ("gradcam", "integrated_gradients", "saliency")
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
@@ -196,11 +196,7 @@ class TrustPanel(ipywidgets.VBox):
         self.title.value = self._title(self.title_name(), first.label or str(first.target))
 
         self._step(1, "agreement…")
-        n = len(methods)
-        matrix = np.eye(n)
-        for i in range(n):
-            for j in range(i + 1, n):
-                matrix[i, j] = matrix[j, i] = spearman(np.abs(exps[methods[i]].map), np.abs(exps[methods[j]].map))
+        matrix = rank_agreement([exps[m] for m in methods])
         self.agreement = Agreement(list(methods), matrix, first.target)
         if self.agreement_map is not None:
             self.agreement_map.color = matrix

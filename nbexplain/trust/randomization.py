@@ -16,7 +16,7 @@ from ..calls import eager
 from ..layers import core
 from ..models import describe, register
 from .agreement import explain_one, method_names, one_image
-from .similarity import compare
+from .similarity import compare, on_crop
 
 THRESHOLD = 0.5          # a method passes when |map| rank correlation after full randomisation is below this
 
@@ -119,7 +119,7 @@ def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("
             with warnings.catch_warnings():     # a randomised copy's warnings say nothing of the user's model
                 warnings.simplefilter("ignore")
                 again = attribute(work, image, m, target=fixed_target, **kw)
-            for k, v in compare(originals[m].map, again.map).items():
+            for k, v in compare(on_crop(originals[m]), on_crop(again)).items():
                 scores[m][k].append(v)
     report = RandomizationReport(mode, groups, scores)
     # cascading: judged once everything is random; independent: by the layer that matters most

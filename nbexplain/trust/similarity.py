@@ -5,6 +5,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..attribution import Attribution
+from ..images import crop_mask
+
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(a), np.asarray(b)
@@ -15,13 +18,40 @@ def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation of two maps (ties broken by position; constant maps give 0)."""
+    """Rank correlation of two maps (tied values share their average rank; constant maps give 0)."""
     a, b = _same_shape(a, b)
-    ra = np.argsort(np.argsort(a.ravel(), kind="stable"), kind="stable").astype(np.float64)
-    rb = np.argsort(np.argsort(b.ravel(), kind="stable"), kind="stable").astype(np.float64)
     if np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(np.corrcoef(_ranks(a.ravel()), _ranks(b.ravel()))[0, 1])
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Average ranks: ties broken by position would rank a zero area the same way in any two maps (a CAM's
+    ReLU'd half, say), and read as agreement."""
+    _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    return (starts + (counts - 1) / 2.0)[inverse.ravel()]
+
+
+def on_crop(exp: Attribution) -> np.ndarray:
+    """The part of ``exp.map`` the model saw. A photo's map is zero outside the model's centre crop (half
+    of a 3:2 photo), and those pixels would agree between any two maps of it."""
+    box = exp.meta.get("crop_box")
+    mask = crop_mask(tuple(box) if box else None, exp.map.shape)
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(rows) or not len(cols):
+        return exp.map
+    return exp.map[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def rank_agreement(exps: list[Attribution]) -> np.ndarray:
+    """Spearman correlation of |map| for each pair of explanations of one image, where the model saw it."""
+    maps = [np.abs(on_crop(e)) for e in exps]
+    matrix = np.eye(len(maps))
+    for i in range(len(maps)):
+        for j in range(i + 1, len(maps)):
+            matrix[i, j] = matrix[j, i] = spearman(maps[i], maps[j])
+    return matrix
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
