@@ -78,7 +78,27 @@ def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -
             return TokenLayout(0, (int(grid[0]), int(grid[1])))
     # a model that declares its prefix tokens has no others: 32 channels of XCiT's channel attention
     # must not read as 16 "prefix" tokens and a 4x4 grid
-    return _infer_layout(num_tokens, input_hw, range(_MAX_PREFIX + 1) if declared is None else (declared, 0))
+    if declared is not None:
+        return _infer_layout(num_tokens, input_hw, (declared, 0))
+    found = _infer_layout(num_tokens, input_hw, range(_MAX_PREFIX + 1))
+    # an inferred patch size must be one the model's patchify convs (kernel = stride) can make: CrossViT
+    # resizes one stream to 224 whatever the input, and its 1 + 14x14 tokens fit "5 + 12x16" at a 96x128
+    # input, a patch of 8 that no conv of the model has
+    strides = _patchify_strides(model)
+    if found is not None and strides and not any((input_hw[0] // found.grid[0]) % s == 0 for s in strides):
+        return None
+    return found
+
+
+_STRIDES: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _patchify_strides(model: nn.Module) -> set[int]:
+    """Strides of the square convs whose kernel equals their stride (patch embeddings), once per model."""
+    if model not in _STRIDES:
+        _STRIDES[model] = {m.stride[0] for m in model.modules() if isinstance(m, nn.Conv2d)
+                           and m.kernel_size == m.stride and m.stride[0] == m.stride[1] and m.stride[0] > 1}
+    return _STRIDES[model]
 
 
 _UNROLLED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

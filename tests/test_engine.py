@@ -268,6 +268,19 @@ def test_channels_last_models_are_read_as_grids(name, kw, layer, grid, channels)
     np.testing.assert_allclose(out.raw.numpy(), ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
 
+def test_tokens_that_only_fit_the_input_by_an_unknown_patch_size_are_not_read_as_a_grid():
+    """CrossViT resizes each stream to its own size whatever the input: at 96x128 its 1 + 14x14 tokens also
+    fit '5 prefix tokens + 12x16 patches of 8 px', a patch no conv of the model makes, and were read so
+    (every CAM silently scrambled). Its tokens are grids at its own input size."""
+    model = make_model("crossvit_tiny_240", depth=((1, 1, 0),) * 3)
+    odd = {entry["name"]: entry["grid"] for entry in nbx.layers(model, make_input(1, (96, 128)))}
+    assert [12, 16] not in odd.values()
+    native = {entry["name"]: entry["grid"] for entry in nbx.layers(model, make_input(1, 240))}
+    assert native and set(map(tuple, native.values())) == {(20, 20)}     # the 12-px stream, 1 + 20x20 tokens
+    out = nbx.attribute(model, make_input(1, 240)[0], "gradcam")
+    assert out.raw.shape == (1, 20, 20) and np.isfinite(out.map).all()
+
+
 def test_pil_input_on_a_vit_created_with_another_img_size():
     model = make_model("test_vit", img_size=96, dynamic_img_size=False)
     img = Image.fromarray(np.zeros((50, 70, 3), np.uint8))
