@@ -247,6 +247,7 @@ class Context:
             return hook
 
         x = self.x.detach().requires_grad_(input_grad)
+        hw = tuple(x.shape[2:])
         self.layout(len(x) >= 2)
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
                 forward_hooks((hooked[layer.name], hook_for(layer.name)) for layer in layers):
@@ -257,7 +258,7 @@ class Context:
                 raise RuntimeError(f"layer {missing[0]!r} did not run during the forward pass (the model may call "
                                    "its children directly); pick one of its sub-layers from nbx.layers(model)")
             for layer in layers:
-                got_shape = channels_first(modules[layer.name], outputs[layer.name], self.model).shape
+                got_shape = channels_first(modules[layer.name], outputs[layer.name], self.model, hw).shape
                 checked(self.model, layer, modules[layer.name], tuple(got_shape), tuple(self.x.shape))
             grads = None
             wrt = [outputs[layer.name] for layer in layers] + ([x] if input_grad else [])
@@ -270,11 +271,11 @@ class Context:
         for i, layer in enumerate(layers):
             module = modules[layer.name]
             # float32 maps from a half-precision model: the CAMs' SVD and score tables need it
-            t = channels_first(module, outputs[layer.name].detach(), self.model).float()
+            t = channels_first(module, outputs[layer.name].detach(), self.model, hw).float()
             layout = token_layout(self.model, t.shape[1], hw) if t.ndim == 3 else None
             acts[layer.name] = as_spatial(t, layout)
             if gradients:
-                grads[layer.name] = as_spatial(channels_first(module, got[i], self.model).float(), layout)
+                grads[layer.name] = as_spatial(channels_first(module, got[i], self.model, hw).float(), layout)
         gx = got[-1] if input_grad else None
         self.report(1.0)
         return acts, grads, gx

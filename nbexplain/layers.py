@@ -190,14 +190,22 @@ _CHANNELS_FIRST = (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, 
                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def channels_first(module: nn.Module, t: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+def channels_first(module: nn.Module, t: torch.Tensor, model: nn.Module | None = None,
+                   input_hw: tuple[int, int] | None = None) -> torch.Tensor:
     """NCHW view of a 4-D module output. timm marks channels-last outputs with ``output_fmt='NHWC'``:
     on a module (a dynamic-size ViT's patch embedding) or on the whole model (Swin, MambaOut), whose
-    stages and blocks then run channels last; convolutions, BatchNorm and pooling stay NCHW."""
+    stages and blocks then run channels last; convolutions, BatchNorm and pooling stay NCHW. Without a
+    mark, an output whose middle two dimensions are a grid on the ``input_hw`` image and whose last two
+    are not is channels last too (VOLO's stages)."""
+    if t.ndim != 4:
+        return t
     fmt = getattr(module, "output_fmt", None)
     if fmt is None and model is not None and not isinstance(module, _CHANNELS_FIRST):
         fmt = getattr(model, "output_fmt", None)
-    if t.ndim == 4 and getattr(fmt, "value", fmt) == "NHWC":
+    if fmt is None and input_hw is not None and not isinstance(module, _CHANNELS_FIRST):
+        fmt = "NHWC" if _on_image(tuple(t.shape[1:3]), input_hw) and not _on_image(tuple(t.shape[2:]), input_hw) \
+            else None
+    if getattr(fmt, "value", fmt) == "NHWC":
         return t.permute(0, 3, 1, 2)
     return t
 
@@ -229,13 +237,14 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     if key in per_model:
         return per_model[key]
     names = {m: n for n, m in model.named_modules() if n}
+    hw = tuple(input_shape[2:])
     seen: list[tuple[str, nn.Module, tuple, bool, bool]] = []
     previous: list[torch.Tensor] = []        # a container's hook fires right after its last child's
 
     def record(module, _inp, out):
         t = first_tensor(out)
         if t is not None and module in names:
-            seen.append((names[module], module, tuple(channels_first(module, t, model).shape),
+            seen.append((names[module], module, tuple(channels_first(module, t, model, hw).shape),
                          bool(previous) and previous[0] is t, t.requires_grad))
             previous[:] = [t]
 

@@ -254,6 +254,8 @@ def test_cam_methods_on_a_timm_reg4_gap_model():
     ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, depths=(1, 1, 1, 1), embed_dim=32,
                                           num_heads=(1, 1, 1, 1)), "layers.1", (8, 8), 64),
     ("test_mambaout", {}, "stages.1", (8, 8), 32),
+    # VOLO's stages run channels last without saying so (no output_fmt): read from the shape
+    ("volo_d1_224", dict(img_size=64), "network.0", (8, 8), 192),
 ])
 def test_channels_last_models_are_read_as_grids(name, kw, layer, grid, channels):
     # Swin and MambaOut run their stages channels last (timm: model.output_fmt == 'NHWC')
