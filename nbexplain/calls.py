@@ -41,7 +41,8 @@ def size_hint(x: torch.Tensor) -> Iterator[None]:
         yield
     except (AssertionError, RuntimeError, ValueError) as e:
         if (not isinstance(e, torch.OutOfMemoryError) and hasattr(e, "add_note")
-                and any(w in str(e).lower() for w in _SHAPE_WORDS)):
+                and (any(w in str(e).lower() for w in _SHAPE_WORDS)
+                     or (isinstance(e, AssertionError) and not str(e).strip()))):   # a bare shape assert
             e.add_note(f"nbexplain: the model failed on a batch of shape {tuple(x.shape)}. Pictures (paths, PIL "
                        "images, arrays) are resized to the model's data config; a timm model built for another "
                        "size (img_size=...) may still carry the default one: pass preprocess=nbx.Preprocess("

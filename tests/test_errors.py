@@ -581,6 +581,18 @@ def test_a_model_built_for_another_size_is_told_to_pass_its_preprocess():
     assert "img_size" in notes and "preprocess=nbx.Preprocess(size=(H, W)" in notes
     fixed = nbx.attribute(model, picture, "saliency", preprocess=nbx.Preprocess(size=96, crop_pct=1.0))
     assert fixed.map.shape == np.asarray(picture).shape[:2]
+    with pytest.raises(RuntimeError) as caught:          # the layer list, without an image, reads the same config
+        nbx.layers(model)
+    assert "preprocess=nbx.Preprocess(size=(H, W)" in " ".join(getattr(caught.value, "__notes__", []))
+
+    class BareAssert(nn.Module):                          # timm's BottleneckAttn asserts shapes with no message
+        def forward(self, x):
+            if x.shape[-1] != 96:
+                raise AssertionError          # a bare assert (pytest would rewrite one written here)
+            return x.mean((2, 3))
+    with pytest.raises(AssertionError) as caught:
+        nbx.attribute(BareAssert(), torch.randn(3, 64, 64), "saliency", target=0)
+    assert "pass one of a size the model accepts" in " ".join(getattr(caught.value, "__notes__", []))
 
 
 def test_a_class_name_shared_by_several_classes_is_refused(cnn):
