@@ -29,6 +29,7 @@ from .images import area_resize, to_pil
 from .models import describe
 from .trust.faithfulness import Curves, input_map, perturbed
 from .trust.shortcuts import GROW, OUTSIDE_FLAG, fixed_hotspots, outside_share
+from .trust.similarity import seen_region
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 FLAG_RULES = ("auto", "outside", "hotspot", "any", "all")
@@ -389,7 +390,8 @@ def _score(exps: list[Attribution], names: list[str], truths: list, probs: list[
             mask = _check_mask(mask_list[i], exp, i)
             # the mask grows by GROW pixels of the image as given, fewer on a map kept smaller
             full = max(exp.meta.get("original_size") or exp.map.shape)
-            share = outside_share(exp.map, mask, grow=max(1, round(GROW * max(exp.map.shape) / full)))
+            seen = seen_region(exp)         # the strongest 5 % of what the model saw, not of the whole photo
+            share = outside_share(exp.map[seen], mask[seen], grow=max(1, round(GROW * max(exp.map.shape) / full)))
             metrics["outside_share"] = share
             flags["outside"] = bool(share > outside_threshold)
             if flags["outside"]:

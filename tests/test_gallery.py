@@ -112,6 +112,18 @@ def test_an_unreadable_file_in_a_folder_is_skipped_and_listed_with_its_neighbour
         explain_batch(cnn, bad, "saliency", progress=False)
 
 
+def test_outside_share_of_a_photo_counts_the_strongest_evidence_of_what_the_model_saw(cnn, small):
+    """A wide photo's map is zero outside the centre crop: its top 5 % was taken over the whole photo, i.e.
+    the top 10 % of what the model saw, and the share moved with the photo's width."""
+    img, mask = small["images"][0], small["object_mask"][0]
+    noise = np.random.default_rng(0).integers(0, 255, (64, 32, 3), dtype=np.uint8)
+    wide = np.concatenate([noise, img, noise[:, ::-1]], 1)
+    wide_mask = np.concatenate([np.zeros((64, 32), bool), mask, np.zeros((64, 32), bool)], 1)
+    shares = [explain_batch(cnn, [pic], "saliency", masks=[m], progress=False)[0].metrics["outside_share"]
+              for pic, m in ((wide, wide_mask), (img, mask))]
+    assert shares[0] == pytest.approx(shares[1], abs=1e-6)
+
+
 def test_sorting_by_a_metric_that_was_not_computed_says_how_to_get_it(cnn, small):
     r = explain_batch(cnn, list(small["images"]), "saliency", progress=False)
     with pytest.raises(ValueError, match=r"'deletion_auc' was not computed.*faithfulness=True"):

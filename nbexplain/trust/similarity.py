@@ -36,12 +36,17 @@ def _ranks(v: np.ndarray) -> np.ndarray:
 def on_crop(exp: Attribution) -> np.ndarray:
     """The part of ``exp.map`` the model saw. A photo's map is zero outside the model's centre crop (half
     of a 3:2 photo), and those pixels would agree between any two maps of it."""
+    return exp.map[seen_region(exp)]
+
+
+def seen_region(exp: Attribution) -> tuple[slice, slice]:
+    """Rows and columns of ``exp.map`` inside the model's crop of the picture (all of it without a crop)."""
     box = exp.meta.get("crop_box")
     mask = crop_mask(tuple(box) if box else None, exp.map.shape)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if not len(rows) or not len(cols):
-        return exp.map
-    return exp.map[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        return slice(None), slice(None)
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 def rank_agreement(exps: list[Attribution]) -> np.ndarray:
