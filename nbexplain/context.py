@@ -360,4 +360,3 @@ class _PositiveGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g.clamp(min=0)
-

@@ -275,10 +275,14 @@ def area_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def crop_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, int]) -> np.ndarray:
     """True where the original image was inside the model's crop (where a map has values)."""
-    h, w = shape
-    if box is None:
-        return np.ones((h, w), bool)
-    left, top, right, bottom = box
-    mask = np.zeros((h, w), bool)
-    mask[max(0, round(top)):max(0, round(bottom)), max(0, round(left)):max(0, round(right))] = True
+    mask = np.zeros(shape, bool)
+    mask[crop_slices(box)] = True
     return mask
+
+
+def crop_slices(box: tuple[float, float, float, float] | None) -> tuple[slice, slice]:
+    """Rows and columns of the original image inside the model's crop (all of them without a crop)."""
+    if box is None:
+        return slice(None), slice(None)
+    left, top, right, bottom = box
+    return slice(max(0, round(top)), max(0, round(bottom))), slice(max(0, round(left)), max(0, round(right)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attribution import Attribution
-from ..images import crop_mask
+from ..images import crop_slices
 
 
 def _same_shape(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,13 +40,11 @@ def on_crop(exp: Attribution) -> np.ndarray:
 
 
 def seen_region(exp: Attribution) -> tuple[slice, slice]:
-    """Rows and columns of ``exp.map`` inside the model's crop of the picture (all of it without a crop)."""
+    """Rows and columns of ``exp.map`` inside the model's crop of the picture (all of it without a crop, or
+    when the crop misses the map)."""
     box = exp.meta.get("crop_box")
-    mask = crop_mask(tuple(box) if box else None, exp.map.shape)
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    if not len(rows) or not len(cols):
-        return slice(None), slice(None)
-    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    region = crop_slices(tuple(box) if box else None)
+    return region if exp.map[region].size else (slice(None), slice(None))
 
 
 def rank_agreement(exps: list[Attribution]) -> np.ndarray:
