@@ -72,7 +72,7 @@ def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: 
     alphas, weights = quadrature(rule, steps)
     n = len(ctx.x)
     tkey = tuple(ctx.targets.tolist())
-    key = lambda a: ("ig_point", bkey, tkey, a)  # noqa: E731
+    key = lambda a: point_key(bkey, tkey, a)  # noqa: E731
     todo = [a for a in alphas if store is None or key(a) not in store]
     total = torch.zeros_like(ctx.x)
     fresh: dict[float, tuple] = {}
@@ -98,20 +98,25 @@ def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: 
     return total, seen
 
 
-def adaptive_path(ctx: Context, b: torch.Tensor, bkey: tuple, tolerance: float, floor: torch.Tensor,
+def point_key(bkey: tuple, tkey: tuple, alpha: float) -> tuple:
+    """Where a path point's gradient and score are kept (the widget's workspace, steps='auto')."""
+    return ("ig_point", bkey, tkey, alpha)
+
+
+def adaptive_path(ctx: Context, b: torch.Tensor, bkey: tuple, tolerance: float, scale: torch.Tensor,
                   budget: int, store: dict | None, report) -> Panels | None:
     """The panels of an adaptive Simpson rule (``panels``), refined until every path's delta is within
-    ``tolerance`` of max(|f(x) − f(b)|, floor) and its map's estimated error within ``MAP_TOLERANCE``, or
-    until its next round would pass ``budget`` points (None if even its first would)."""
+    ``tolerance·scale`` and its map's estimated error within ``MAP_TOLERANCE``, or until its next round
+    would pass ``budget`` points (None if even its first would)."""
     n = len(ctx.x)
     tkey = tuple(ctx.targets.tolist())
     direction = ctx.x - b
-    panels, evaluated, scale = Panels(tolerance, MAP_TOLERANCE), 0, None
+    panels, evaluated = Panels(tolerance, MAP_TOLERANCE), 0
     per_chunk = max(1, ctx.batch_size // n)
     while True:
         todo = []
         for a in panels.needed():
-            kept = store.get(("ig_point", bkey, tkey, a)) if store is not None else None
+            kept = store.get(point_key(bkey, tkey, a)) if store is not None else None
             if kept is None:
                 todo.append(a)
             else:
@@ -126,10 +131,9 @@ def adaptive_path(ctx: Context, b: torch.Tensor, bkey: tuple, tolerance: float, 
                 grad, score = g[j * n:(j + 1) * n], s[j * n:(j + 1) * n]
                 panels.add(a, grad * direction, score)
                 if store is not None:
-                    store[("ig_point", bkey, tkey, a)] = (grad, score)
+                    store[point_key(bkey, tkey, a)] = (grad, score)
             evaluated += len(chunk)
             report(evaluated)
-        scale = torch.maximum(panels.gap().abs(), floor) if scale is None else scale    # the ends: first round
         if panels.check(scale) or evaluated + 2 * len(panels.to_split()) > budget:
             return panels
         panels.split()
@@ -179,15 +183,16 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
         # when f(x) and f(baseline) nearly coincide, a relative delta can never get small: the stop
         # test also accepts |delta| within tolerance x 1% of the score's own size
         floor = 0.01 * torch.maximum(f_x.abs(), f_b.abs()).clamp_min(1.0)
-        attr, delta, relative, converged = _checked((ctx.x - b) * total, f_x, f_b, tolerance, floor)
+        scale = torch.maximum((f_x - f_b).abs(), floor)
+        attr, delta, relative, converged = _checked((ctx.x - b) * total, f_x, f_b, tolerance, scale)
         if not auto or converged:
             break
     ctx.meta["quadrature"] = rule
     if auto and not converged and rule == "gausslegendre":
-        found = adaptive_path(ctx, b, bkey, tolerance, floor, MAX_AUTO_STEPS, store,
+        found = adaptive_path(ctx, b, bkey, tolerance, scale, MAX_AUTO_STEPS, store,
                               lambda k: _auto_progress(ctx, points + k))
         if found is not None:
-            attr, delta, relative, converged = _checked(found.total(), f_x, f_b, tolerance, floor)
+            attr, delta, relative, converged = _checked(found.total(), f_x, f_b, tolerance, scale)
             n = found.count()
             ctx.meta["quadrature"] = "adaptive_simpson"
     if auto and not converged:
@@ -200,13 +205,13 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
     return attr
 
 
-def _checked(attr: torch.Tensor, f_x: torch.Tensor, f_b: torch.Tensor, tolerance: float, floor: torch.Tensor):
+def _checked(attr: torch.Tensor, f_x: torch.Tensor, f_b: torch.Tensor, tolerance: float, scale: torch.Tensor):
     """The attribution, its completeness delta (absolute and relative) and whether every image's delta is
-    within tolerance."""
+    within tolerance·scale."""
     gap = f_x - f_b
     delta = attr.flatten(1).sum(1) - gap
     relative = delta.abs() / gap.abs().clamp_min(1e-12)
-    return attr, delta, relative, bool((delta.abs() <= tolerance * torch.maximum(gap.abs(), floor)).all())
+    return attr, delta, relative, bool((delta.abs() <= tolerance * scale).all())
 
 
 def _auto_progress(ctx: Context, points: float) -> None:

@@ -48,10 +48,6 @@ class Panels:
     def add(self, alpha: float, density: torch.Tensor, score: torch.Tensor) -> None:
         self.points[alpha] = (density, score, density.flatten(1).sum(1))
 
-    def gap(self) -> torch.Tensor:
-        """f(x) − f(baseline) per path, as the passes at the two ends saw it (first round only)."""
-        return self.points[1.0][1] - self.points[0.0][1]
-
     def check(self, scale: torch.Tensor) -> bool:
         """Whether, for every path, the completeness error is within ``tolerance·scale`` and the map's
         estimated error within ``map_tolerance`` of its norm (errors of panels add up as independent)."""
