@@ -566,11 +566,13 @@ def test_ig_auto_says_when_it_stopped_short(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 64), torch.nn.Tanh(),
                                 torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)).eval()
     x = torch.randn(1, 3, 4, 4) * 3
-    monkeypatch.setattr(ig, "MAX_AUTO_STEPS", 3)                   # only the first grid is allowed
+    monkeypatch.setattr(ig, "MAX_AUTO_STEPS", 3)       # the first grid and the adaptive rule's first round
     with pytest.warns(UserWarning, match="without reaching tolerance"):
         out = nbx.attribute(model, x, "integrated_gradients", steps="auto", baseline="zeros", tolerance=1e-6)[0]
     first = next(ig.refinements("gausslegendre"))                  # the default rule's first grid
-    assert out.meta["steps"] == first and any("tolerance" in w for w in out.meta["warnings"])
+    assert out.meta["quadrature"] == "adaptive_simpson" and out.meta["steps"] == 5      # two Simpson panels
+    assert out.meta["evaluations"] == first + 5 + 2                # + f at x and at the baseline
+    assert any("tolerance" in w for w in out.meta["warnings"])
     linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3)).eval()
     exact = nbx.attribute(linear, x, "integrated_gradients", steps="auto", baseline="zeros")[0]
     assert exact.meta["steps"] == first and abs(exact.delta) < 1e-4    # linear: exact at the first grid
