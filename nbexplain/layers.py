@@ -10,7 +10,7 @@ from torch import nn
 
 from ._errors import unknown
 from .calls import size_hint
-from .hygiene import borrowed, forward_hooks, model_device, model_dtype
+from .hygiene import borrowed, forward_hooks, model_device, model_dtype, modules_of
 
 _SKIP = (nn.Dropout, nn.Identity)
 _SEQUENCES = ("blocks", "layers", "stages", "features")
@@ -90,15 +90,18 @@ def token_layout(model: nn.Module, num_tokens: int, input_hw: tuple[int, int]) -
     return found
 
 
-_STRIDES: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+_STRIDES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _patchify_strides(model: nn.Module) -> set[int]:
-    """Strides of the square convs whose kernel equals their stride (patch embeddings), once per model."""
-    if model not in _STRIDES:
-        _STRIDES[model] = {m.stride[0] for m in model.modules() if isinstance(m, nn.Conv2d)
-                           and m.kernel_size == m.stride and m.stride[0] == m.stride[1] and m.stride[0] > 1}
-    return _STRIDES[model]
+    """Strides of the square convs whose kernel equals their stride (patch embeddings), once per model
+    and set of submodules (a patch embedding swapped for another is seen)."""
+    mods = modules_of(model)
+    key = hash(tuple(map(id, mods)))
+    if _STRIDES.get(model, (None,))[0] != key:
+        _STRIDES[model] = key, {m.stride[0] for m in mods if isinstance(m, nn.Conv2d)
+                                and m.kernel_size == m.stride and m.stride[0] == m.stride[1] and m.stride[0] > 1}
+    return _STRIDES[model][1]
 
 
 _UNROLLED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()

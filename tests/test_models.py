@@ -145,3 +145,14 @@ def test_a_model_with_four_input_channels_takes_tensors_and_says_why_not_picture
         nbx.attribute(model, nbx.sample_image("cat"), "gradcam")
     (exp,) = nbx.attribute(model, torch.randn(1, 4, 64, 64), "saliency", target=2)
     assert exp.raw.shape == (1, 4, 64, 64) and exp.image is None
+
+
+def test_inferred_token_grid_follows_a_swapped_patch_embedding():
+    """An inferred patch size must be one a patchify conv of the model makes; the convs are read again
+    when a module is replaced (not once per model object)."""
+    from nbexplain.layers import token_layout
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.Flatten(2))
+    assert token_layout(model, 1 + 8 * 8, (64, 64)) is None             # patches of 8: no conv makes them
+    model[0] = torch.nn.Conv2d(3, 8, 8, stride=8)
+    found = token_layout(model, 1 + 8 * 8, (64, 64))
+    assert found is not None and (found.prefix, found.grid) == (1, (8, 8))
