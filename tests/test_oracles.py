@@ -339,9 +339,10 @@ def test_integrated_gradients_auto_steps_reach_tolerance(zoo, rule):
         fixed = explain(model, x, "integrated_gradients", steps=out.meta["steps"], baseline="zeros", rule=rule)
         assert_close(out.raw, fixed.raw)
     else:
-        # 16 Gauss-Legendre points miss here, so the adaptive rule took over; its map is as close to a fine
-        # grid's as its map tolerance says
+        # a ReLU net: the adaptive rule from the start (no Gauss-Legendre grid tried); its map is as close
+        # to a fine grid's as its map tolerance says
         assert out.meta["quadrature"] == "adaptive_simpson"
+        assert out.meta["evaluations"] == out.meta["steps"] + 2          # + f at x and at the baseline
         fine = explain(model, x, "integrated_gradients", steps=1025, baseline="zeros", rule="riemann_trapezoid")
         assert float((out.raw - fine.raw).norm() / fine.raw.norm()) <= integrated.MAP_TOLERANCE
 
