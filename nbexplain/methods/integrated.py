@@ -132,17 +132,18 @@ def adaptive_path(ctx: Context, b: torch.Tensor, bkey: tuple, tolerance: float, 
     ``tolerance·scale`` and its map's estimated error within ``MAP_TOLERANCE``, or until its next round
     would pass ``budget`` points (its first round always runs)."""
     direction = ctx.x - b
-    panels, evaluated = Panels(tolerance, MAP_TOLERANCE), [0]
+    panels, evaluated, before = Panels(tolerance, MAP_TOLERANCE), 0, 0
 
-    def progress(done: int, todo: int) -> None:
-        report(evaluated[0] + done)
-        if done == todo:
-            evaluated[0] += todo
+    def progress(done: int, _todo: int) -> None:
+        nonlocal evaluated
+        evaluated = before + done
+        report(evaluated)
 
     while True:
+        before = evaluated                       # points computed by the earlier rounds
         for a, grad, score in path_points(ctx, b, bkey, panels.needed(), store, progress):
             panels.add(a, grad * direction, score)
-        if panels.check(scale) or evaluated[0] + 2 * len(panels.to_split()) > budget:
+        if panels.check(scale) or evaluated + 2 * len(panels.to_split()) > budget:
             return panels
         panels.split()
 
@@ -178,7 +179,12 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
     store = ctx.memo if ctx.keep_intermediates else ({} if nested else None)
     auto = steps == "auto"
     adaptive = auto and rule == "gausslegendre"
-    grids = [steps] if not auto else [] if adaptive and piecewise_linear(ctx.model) else refinements(rule)
+    if not auto:
+        grids = [steps]
+    elif adaptive and piecewise_linear(ctx.model):
+        grids = []                               # Gauss-Legendre's delta would prove little: see _KINKED
+    else:
+        grids = refinements(rule)
     f_b = f_x = None
     converged, n, points = False, 0, 0          # points: evaluated so far by steps='auto' (its progress)
     for n in grids:
