@@ -179,8 +179,9 @@ def test_auto_on_a_relu_net_does_not_stop_at_a_gauss_legendre_delta_met_by_cance
 
 def test_only_nets_of_affine_and_piecewise_linear_layers_skip_gauss_legendre():
     relu_net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Upsample(scale_factor=2), nn.Sequential(),      # empty: an identity shortcut
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(), nn.Linear(4, 2))
     assert integrated.piecewise_linear(relu_net)
     assert not integrated.piecewise_linear(nn.Sequential(nn.Flatten(), nn.Linear(48, 2)))     # no kink: exact anyway
     for smooth in (nn.GELU(), nn.SiLU(), nn.LayerNorm(4), nn.Sigmoid()):
-        assert not integrated.piecewise_linear(nn.Sequential(relu_net[:6], smooth, nn.Linear(4, 2)))
+        assert not integrated.piecewise_linear(nn.Sequential(relu_net[:8], smooth, nn.Linear(4, 2)))

@@ -234,8 +234,10 @@ _KINKED = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.
            nn.Hardsigmoid, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 _AFFINE = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.modules.pooling._AvgPoolNd,
            nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.dropout._DropoutNd, nn.Identity, nn.Flatten,
+           nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
            nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
-           nn.modules.padding._ReplicationPadNd)
+           nn.modules.padding._ReplicationPadNd,
+           nn.Sequential, nn.ModuleList, nn.ModuleDict)      # empty ones (identity shortcuts, GhostNet's)
 
 
 def piecewise_linear(model: nn.Module) -> bool:
