@@ -34,7 +34,7 @@ from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
 
 import nbexplain as nbx
 from nbexplain.methods import integrated
-from conftest import ARCHS, CNNS, SIZE, TARGET, assert_close, make_input
+from conftest import ARCHS, CNNS, SIZE, TARGET, assert_close, make_input, make_model
 
 ALL = list(ARCHS)
 
@@ -327,24 +327,32 @@ def test_integrated_gradients_completeness_improves_with_steps(zoo):
 
 
 @pytest.mark.parametrize("rule", ["riemann_trapezoid", "riemann_right", "riemann_middle", "gausslegendre"])
-def test_integrated_gradients_auto_steps_reach_tolerance(zoo, rule):
-    model, x = zoo("resnet"), make_input()
+def test_integrated_gradients_auto_steps_reach_tolerance(rule):
+    model, x = make_model("resnet", act_layer="elu"), make_input()   # ELU: a smooth path that needs refining
     out = explain(model, x, "integrated_gradients", steps="auto", tolerance=0.02, baseline="zeros", rule=rule)
     assert out.meta["relative_delta"] <= 0.02
     # this model needs refinement: 'auto' went past its first grid
     assert out.meta["steps"] > next(integrated.refinements(rule))
-    if rule != "gausslegendre":
-        # the Riemann grids nest: the result is the fixed-step result at the step count it settled on
-        assert out.meta["quadrature"] == rule
+    if out.meta["quadrature"] == rule:
+        # the rule's own grid (the Riemann grids nest): the fixed-step result at the step count it settled on
         fixed = explain(model, x, "integrated_gradients", steps=out.meta["steps"], baseline="zeros", rule=rule)
         assert_close(out.raw, fixed.raw)
     else:
-        # a ReLU net: the adaptive rule from the start (no Gauss-Legendre grid tried); its map is as close
-        # to a fine grid's as its map tolerance says
-        assert out.meta["quadrature"] == "adaptive_simpson"
-        assert out.meta["evaluations"] == out.meta["steps"] + 2          # + f at x and at the baseline
-        fine = explain(model, x, "integrated_gradients", steps=1025, baseline="zeros", rule="riemann_trapezoid")
-        assert float((out.raw - fine.raw).norm() / fine.raw.norm()) <= integrated.MAP_TOLERANCE
+        # Gauss-Legendre's 16 points missed, so the adaptive rule took over
+        assert rule == "gausslegendre" and out.meta["quadrature"] == "adaptive_simpson"
+
+
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "riemann_right", "gausslegendre"])
+def test_integrated_gradients_auto_on_a_relu_net_takes_the_adaptive_rule(zoo, rule):
+    """A ReLU net's path gradient is piecewise constant: no uniform grid is tried, whatever the rule, and the
+    map is as close to a fine grid's as the adaptive rule's map tolerance says."""
+    model, x = zoo("resnet"), make_input()
+    out = explain(model, x, "integrated_gradients", steps="auto", tolerance=0.02, baseline="zeros", rule=rule)
+    assert out.meta["relative_delta"] <= 0.02
+    assert out.meta["quadrature"] == "adaptive_simpson"
+    assert out.meta["evaluations"] == out.meta["steps"] + 2          # + f at x and at the baseline
+    fine = explain(model, x, "integrated_gradients", steps=1025, baseline="zeros", rule="riemann_trapezoid")
+    assert float((out.raw - fine.raw).norm() / fine.raw.norm()) <= integrated.MAP_TOLERANCE
 
 
 def test_scorecam_dead_channels_cost_one_forward_and_match_grad_cam(zoo):

@@ -169,6 +169,21 @@ def test_ig_steps_32_to_64_computes_only_the_new_points(cnn, images):
     w.close()
 
 
+def test_ig_auto_on_a_relu_net_takes_the_adaptive_rule_and_reuses_the_grid_it_had(cnn, images):
+    """The widget's Riemann-right grids can meet the delta on a ReLU net with the map far off: 'auto' takes
+    the adaptive rule there, and its dyadic points include those of the 32-step grid already computed."""
+    w = nbx.explain(cnn, images, method="integrated_gradients", steps=32)
+    w.wait()
+    assert change(w, steps="auto") == {"attribution", "display"}
+    assert w.result.meta["quadrature"] == "adaptive_simpson" and w.rule == "riemann_right"
+    points, evaluated = w.result.meta["steps"], stage(w, "attribution")["evaluations"]
+    assert points > 32 and evaluated < points - 16      # most of the 32 grid's points were reused
+    direct = nbx.attribute(cnn, images[0], "integrated_gradients", steps="auto")
+    assert direct.meta["steps"] == points
+    torch.testing.assert_close(w.result.raw, direct.raw, rtol=1e-3, atol=1e-3 * float(direct.raw.abs().max()))
+    w.close()
+
+
 def test_smoothgrad_more_samples_adds_only_the_new_ones(cnn, images):
     w = nbx.explain(cnn, images, method="smoothgrad", samples=25, noise=0.15, seed=7)
     w.wait()
