@@ -174,18 +174,15 @@ def end_score(ctx: Context, point: torch.Tensor, key: tuple, store: dict | None)
 def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: float, seed: int) -> torch.Tensor:
     b = make_baseline(ctx.x, baseline, ctx.preprocess, seed)
     bkey = baseline_key(baseline, seed)
-    # the widget keeps every path gradient (raising steps reuses them); steps='auto' reuses within the call
-    nested = steps == "auto" and rule != "gausslegendre"
-    store = ctx.memo if ctx.keep_intermediates else ({} if nested else None)
     auto = steps == "auto"
-    adaptive = auto and rule == "gausslegendre"
-    if not auto:
-        grids = [steps]
-    elif piecewise_linear(ctx.model):
-        # a uniform grid's delta would prove little (see _KINKED), whatever its rule
-        grids, adaptive = [], True
-    else:
-        grids = refinements(rule)
+    # on a piecewise-linear net a uniform grid's delta would prove little (see _KINKED), whatever its rule
+    straight = auto and piecewise_linear(ctx.model)
+    adaptive = straight or (auto and rule == "gausslegendre")      # the adaptive rule may run
+    grids = [steps] if not auto else [] if straight else refinements(rule)
+    # the widget keeps every path gradient (raising steps reuses them); steps='auto' with a Riemann rule
+    # reuses the last grid's within the call (the adaptive rule frees its settled points instead)
+    nested = auto and not adaptive
+    store = ctx.memo if ctx.keep_intermediates else ({} if nested else None)
     f_b = f_x = None
     converged, n, points = False, 0, 0          # points: evaluated so far by steps='auto' (its progress)
     for n in grids:
