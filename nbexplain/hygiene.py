@@ -55,6 +55,12 @@ def modules_of(model: nn.Module) -> list[nn.Module]:
     return walked[1] if walked is not None and walked[0] is model else list(model.modules())
 
 
+def module_set(model: nn.Module) -> int:
+    """A key of which module objects make up ``model``: it changes when a submodule is replaced (a BN
+    swapped for Identity, a new patch embedding), so what was probed on the old ones is probed again."""
+    return hash(tuple(map(id, modules_of(model))))
+
+
 def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
     # only what differs is changed and restored: setting ~10k module flags per call is measurable,
     # and one walk over the modules (not three) keeps a cached widget update at a few ms

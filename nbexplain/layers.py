@@ -10,7 +10,7 @@ from torch import nn
 
 from ._errors import unknown
 from .calls import size_hint
-from .hygiene import borrowed, forward_hooks, model_device, model_dtype, modules_of
+from .hygiene import borrowed, forward_hooks, model_device, model_dtype, module_set, modules_of
 
 _SKIP = (nn.Dropout, nn.Identity)
 _SEQUENCES = ("blocks", "layers", "stages", "features")
@@ -96,10 +96,9 @@ _STRIDES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDiction
 def _patchify_strides(model: nn.Module) -> set[int]:
     """Strides of the square convs whose kernel equals their stride (patch embeddings), once per model
     and set of submodules (a patch embedding swapped for another is seen)."""
-    mods = modules_of(model)
-    key = hash(tuple(map(id, mods)))
+    key = module_set(model)
     if _STRIDES.get(model, (None,))[0] != key:
-        _STRIDES[model] = key, {m.stride[0] for m in mods if isinstance(m, nn.Conv2d)
+        _STRIDES[model] = key, {m.stride[0] for m in modules_of(model) if isinstance(m, nn.Conv2d)
                                 and m.kernel_size == m.stride and m.stride[0] == m.stride[1] and m.stride[0] > 1}
     return _STRIDES[model][1]
 

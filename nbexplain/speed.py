@@ -9,7 +9,7 @@ from torch import nn
 
 from .calls import call
 from .folding import Pair, find_pairs, folded, folded_weights
-from .hygiene import borrowed, modules_of
+from .hygiene import borrowed, module_set, modules_of
 
 _CHOSEN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _MAX_SHAPES = 8
@@ -78,7 +78,7 @@ def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.
     depends on). A model keeps at most 8 shapes (shapes seen are few). With ``run=False``: the result
     if there is one, else None."""
     shapes = cache.setdefault(model, {})
-    key = (tuple(x.shape[1:]), x.dtype, x.device, hash(tuple(map(id, modules_of(model)))), extra)
+    key = (tuple(x.shape[1:]), x.dtype, x.device, module_set(model), extra)
     if key not in shapes:
         if not run:
             return None
