@@ -233,7 +233,13 @@ def spatial_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, 
     return _probe(model, input_shape)[1]
 
 
-def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer], dict[str, Layer]]:
+def output_shapes(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple]:
+    """Every module's output shape (channels first) at one image of this size, spatial or not."""
+    return _probe(model, input_shape)[2]
+
+
+def _probe(model: nn.Module, input_shape: tuple[int, ...]
+           ) -> tuple[list[Layer], dict[str, Layer], dict[str, tuple]]:
     key = tuple(input_shape[1:])
     per_model = _CACHE.setdefault(model, OrderedDict())
     if key in per_model:
@@ -263,6 +269,7 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
     tracked = tracked and any(entry[4] for entry in seen)
     layers: list[Layer] = []
     by_name: dict[str, Layer] = {}
+    shapes = {entry[0]: entry[2] for entry in seen}
     for name, module, shape, same_as_previous, depends in seen:
         layer = reading(model, name, module, shape, (1, *input_shape[1:]), len(layers))
         if layer is None or (tracked and not depends):
@@ -275,10 +282,10 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[Layer],
                                    layer.module_type)
         else:
             layers.append(layer)
-    per_model[key] = (layers, by_name)
+    per_model[key] = (layers, by_name, shapes)
     while len(per_model) > 4:                      # bounded: a few input sizes per model
         per_model.popitem(last=False)
-    return layers, by_name
+    return layers, by_name, shapes
 
 
 def _add_skipped_containers(seen: list, names: dict) -> None:
@@ -400,6 +407,19 @@ def checked(model: nn.Module, layer: Layer, module: nn.Module, shape: tuple, inp
     return found
 
 
+def _why_no_map(model: nn.Module, input_shape: tuple[int, ...], name: str) -> str:
+    """Why a module's output is no map of each image, for the error that names a better layer."""
+    shape = output_shapes(model, input_shape).get(name)
+    hw = "x".join(map(str, input_shape[2:]))
+    if shape is not None and len(shape) == 4 and shape[0] == 1 and shape[2] * shape[3] == 1:
+        # CIFAR-size inputs: a ResNet's last stage is 1x1, where a CAM is one value
+        return (f" is a 1x1 grid at this {hw} input (output {shape}), so a CAM there is one value with nothing "
+                "to localise (larger images keep a grid there)")
+    got = "it did not run" if shape is None else f"its output at one image is {shape}"
+    return (f" has no spatial output per image at this {hw} input ({got}: neither (N,C,h,w) maps nor ViT patch "
+            "tokens with the batch first), so CAM methods cannot use it")
+
+
 def submodule(model: nn.Module, name: str) -> nn.Module | None:
     """The module at a dotted name from ``named_modules()``, or None: follows the path instead of walking
     the whole tree (a walk is ~0.3 ms on a mid-size net, and a call looks its layer up twice)."""
@@ -440,7 +460,6 @@ def resolve(model: nn.Module, input_shape: tuple[int, ...], layer: str | Layer |
         return by_name[layer]
     modules = dict(model.named_modules())
     if layer in modules:
-        raise ValueError(f"layer {layer!r} has no spatial output per image (it gives neither (N,C,h,w) maps "
-                         f"nor ViT patch tokens with the batch first), so CAM methods cannot use it; pick "
-                         f"one of nbx.layers(model), e.g. {default_layer(model, input_shape).name!r}")
+        raise ValueError(f"layer {layer!r}{_why_no_map(model, input_shape, layer)}; pick one of nbx.layers(model), "
+                         f"e.g. {default_layer(model, input_shape).name!r}")
     raise unknown("layer", layer, [x.name for x in candidates(model, input_shape)] or list(by_name))

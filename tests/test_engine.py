@@ -792,6 +792,18 @@ def test_a_named_layer_needs_no_probe_forward_and_a_constant_map_is_no_layer():
         nbx.attribute(_CountingNet().eval(), x, "gradcam", target=1, layer="fc")
 
 
+def test_a_layer_that_is_one_cell_at_this_input_size_says_so_and_names_one_with_a_grid():
+    """CIFAR-size images: a ResNet's last stage is 1x1 at 32 px, where a CAM is one value. The error says
+    that (not that the layer has no spatial output) and names the default layer, which keeps a grid."""
+    model = make_model("resnet18", num_classes=10)
+    x = make_input(1, 32)
+    with pytest.raises(ValueError, match=r"layer 'layer4' is a 1x1 grid at this 32x32 input.*e\.g\. 'layer1'"):
+        nbx.attribute(model, x, "gradcam", target=1, layer="layer4")
+    with pytest.raises(ValueError, match=r"layer 'fc' has no spatial output.*its output at one image is \(1, 10\)"):
+        nbx.attribute(model, x, "gradcam", target=1, layer="fc")
+    assert nbx.attribute(model, x, "gradcam", target=1)[0].meta["layer"] == "layer1"
+
+
 def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     """The provenance's sha256 is hashed in a worker thread while the passes run (BatchNorm folding swaps
     weights meanwhile): it equals a hash of the state_dict, and a weight changed in place after the hash
