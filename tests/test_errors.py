@@ -225,7 +225,7 @@ def test_labels_must_name_every_class_before_any_work_is_done(cnn, monkeypatch):
     monkeypatch.setattr(Context, "forward", lambda ctx, xs: passes.append(len(xs)) or real(ctx, xs))
     with pytest.raises(ValueError, match=r"labels: got 2 names for a model with \d+ classes; pass one name per class"):
         nbx.attribute(cnn, X, "integrated_gradients", steps=8, labels=["a", "b"])
-    assert passes == [1]                     # the first pass at the image, not the path's 8 points
+    assert passes == [2]                     # the first pass (the image and the baseline), not the path's 8 points
     with pytest.raises(TypeError, match="labels: expected a list of class names, got a str"):
         nbx.attribute(cnn, X, "saliency", labels="abc")
 

@@ -8,6 +8,7 @@ from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
 import nbexplain as nbx
+from nbexplain import context
 from nbexplain.hygiene import borrowed, hook_count
 from nbexplain.speed import input_format, plan
 from conftest import TARGET, assert_close, make_input, make_model
@@ -151,7 +152,9 @@ def test_batched_passes_fold_batchnorm_into_the_convs_with_the_same_results(zoo,
         sizes = batch_norm_calls(monkeypatch)
         ours = nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=8, rule="riemann_right",
                              baseline="zeros")
-        assert sizes and max(sizes) == 1, f"{arch}: the batched path passes still ran BatchNorm"
+        assert set(sizes) <= {1}, f"{arch}: the batched passes still ran BatchNorm"
+        nbx.attribute(model, x, "saliency", target=TARGET)
+        assert 1 in sizes, f"{arch}: a one-sample pass is not folded"    # and the spy sees BatchNorm
         ref = IntegratedGradients(model).attribute(x.clone(), target=TARGET, n_steps=8, method="riemann_right")
         assert_close(ours[0].raw, ref)
         monkeypatch.undo()
@@ -317,6 +320,7 @@ def test_one_sample_passes_use_channels_last_only_on_nets_with_grouped_convs(zoo
             lambda m, a: seen.append((len(a[0]), a[0].is_contiguous(memory_format=torch.channels_last)
                                       and not a[0].is_contiguous())))
         try:
+            nbx.attribute(model, x, "saliency", target=TARGET)
             nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=4)
         finally:
             handle.remove()
@@ -414,10 +418,11 @@ def test_a_model_that_reads_its_input_twice_gets_every_path_of_its_gradient():
 
 # --- a ViT's last block computes only the tokens its head reads ------------------------------------
 def _last_mlp_rows(model, images: int, run) -> list[int]:
-    """Token rows the last block's MLP saw in each expanded pass (more samples than the ``images``) of
-    ``run()``: a spy in place of its forward, not a hook (a hook switches the pruning off)."""
+    """Token rows the last block's MLP saw in each expanded pass of ``run()`` (more samples than the
+    ``images`` and IG's baseline, whose first pass also computes the logits at x, so runs whole): a spy in
+    place of its forward, not a hook (a hook switches the pruning off)."""
     mlp, rows = model.blocks[-1].mlp, []
-    mlp.forward = lambda h: (rows.append(h.shape[1]) if len(h) > images else None) or type(mlp).forward(mlp, h)
+    mlp.forward = lambda h: (rows.append(h.shape[1]) if len(h) > 2 * images else None) or type(mlp).forward(mlp, h)
     try:
         run()
     finally:
@@ -538,3 +543,49 @@ def test_a_folded_batchnorm_activation_never_rewrites_the_conv_output():
     ref = ig.attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=4, internal_batch_size=8)
     assert_close(got, ref)
     assert any(getattr(m, "inplace", False) for m in model.modules())      # the model's own acts untouched
+
+
+def _pass_sizes(model, run) -> list[int]:
+    """The number of samples in each forward of the model during ``run()``."""
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return sizes
+
+
+def test_integrated_gradients_gets_the_scores_at_x_and_the_baseline_from_one_pass(zoo):
+    """f(x) (targets, probabilities) and f(baseline) (the completeness delta) share one forward when the rule
+    does not evaluate the baseline itself: two one-sample passes on a small image take PyTorch's slow conv
+    path. The trapezoid rule's path holds the baseline, so only x needs a pass of its own."""
+    model, x = zoo("resnet"), make_input()
+    ig = lambda rule: nbx.attribute(model, x, "integrated_gradients", steps=16, rule=rule,   # noqa: E731
+                                    baseline="zeros", batch_size=16)[0]
+    ig("gausslegendre")                                  # the fast-path probes run once per shape
+    got = {}
+    assert _pass_sizes(model, lambda: got.update(gl=ig("gausslegendre"))) == [2, 16]
+    assert _pass_sizes(model, lambda: got.update(tr=ig("riemann_trapezoid"))) == [1, 16]
+    with torch.no_grad():
+        logits = model(x)
+    for exp in got.values():
+        assert exp.target == int(logits.argmax())
+        assert abs(exp.meta["f_x"] - float(logits[0, exp.target])) < 1e-4 * max(1.0, float(logits.abs().max()))
+    torch.testing.assert_close(torch.tensor(got["gl"].meta["f_baseline"]), torch.tensor(got["tr"].meta["f_baseline"]),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_plain_resnet_takes_the_fast_paths_only_where_its_activations_outweigh_its_weights(monkeypatch):
+    """Folding and channels-last cost in proportion to the weights: at CIFAR size a resnet18's 16-sample pass
+    runs the plain model (BatchNorm runs, NCHW input), at 128 px it is folded and channels-last. A net with
+    grouped convs gains at any size."""
+    for name, size, fast in (("resnet18", 32, False), ("resnet18", 128, True), ("mobilenetv3_small_100", 32, True)):
+        model, x = make_model(name, num_classes=10), make_input(1, size)
+        sizes = batch_norm_calls(monkeypatch)
+        layouts, call = [], context.call      # a spy on the passes' inputs: a hook on a conv would stop its folding
+        monkeypatch.setattr(context, "call", lambda m, xs: layouts.append(
+            (len(xs), xs.is_contiguous(memory_format=torch.channels_last) and not xs.is_contiguous())) or call(m, xs))
+        nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=16, batch_size=16)
+        assert (16 in sizes) != fast and (16, fast) in layouts, (name, size, sizes, layouts)
+        monkeypatch.undo()

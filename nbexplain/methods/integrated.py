@@ -149,11 +149,14 @@ def adaptive_path(ctx: Context, b: torch.Tensor, bkey: tuple, tolerance: float, 
 
 
 def end_score(ctx: Context, point: torch.Tensor, key: tuple, store: dict | None) -> torch.Tensor:
-    """f at an end of the path, when the rule does not evaluate it (kept for the next refinement)."""
+    """f at an end of the path, when the rule does not evaluate it (kept for the next refinement). Before
+    x's own pass, one pass gives f at both (``Context.scores_with_x``)."""
+    score = ctx.scores_with_x(point) if ctx.logits is None else None
     key = key + (tuple(ctx.targets.tolist()),)
-    if store is not None and key in store:
-        return store[key]
-    score = ctx.scores(point, ctx.targets)
+    if score is None:
+        if store is not None and key in store:
+            return store[key]
+        score = ctx.scores(point, ctx.targets)
     if store is not None:
         store[key] = score
     return score
@@ -184,6 +187,8 @@ def integrated_gradients(ctx: Context, steps, baseline, rule: str, tolerance: fl
     nested = auto and not adaptive
     store = ctx.memo if ctx.keep_intermediates else ({} if nested else None)
     f_b = f_x = None
+    if straight or rule not in ("riemann_left", "riemann_trapezoid"):     # their grids evaluate the baseline
+        f_b = end_score(ctx, b, ("ig_end", bkey, 0.0), store)           # now: x's first pass can join it
     converged, n, points = False, 0, 0          # points: evaluated so far by steps='auto' (its progress)
     for n in grids:
         total, seen = path_gradient(ctx, b, bkey, rule, n, store,
