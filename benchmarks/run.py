@@ -116,7 +116,9 @@ def settings_for(args) -> Settings:
                                                                         "tf_efficientnet_lite0": "blocks.2",
                                                                         "deit_small_patch16_224": ""},
                         16, args.widget_model or CHEAP, 2, 1, (2, 4), (2, 4), "resnet50", 8, 17, ("resnet50",))
-    return Settings(False, args.device, args.size or 224, (1, 8), (16, 64, 128), (25, 50), 0.15, 56, 28,
+    size = args.size or 224     # occlusion's window and stride scale with it: 56/28 at 224 px, 8/4 at 32
+    return Settings(False, args.device, size, (1, 8), (16, 64, 128), (25, 50), 0.15,
+                    max(2, 56 * size // 224), max(1, 28 * size // 224),
                     args.row_budget or (20.0 if cuda else 12.0), args.max_reps or (7 if cuda else 3),
                     5.0 if cuda else 8.0, not cuda and not args.no_restrict,
                     {"resnet50": "" if cuda else "layer1", "tf_efficientnet_lite0": "" if cuda else "blocks.5",
