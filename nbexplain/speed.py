@@ -1,8 +1,8 @@
 """How a model's passes run fastest with the same logits: input memory format and BatchNorm folding."""
 from __future__ import annotations
 
-import weakref
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
