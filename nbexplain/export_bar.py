@@ -66,7 +66,10 @@ class ExportBar(ipywidgets.HBox):
         view = self.view
         result = getattr(view, "result", None)
         status = getattr(view, "status", "idle")
-        if status == "busy":
+        if status == "closed":
+            raise RuntimeError("the explorer is closed, so its map may not match its controls; open a new one "
+                               "with nbx.explain(...) to export")
+        if status == "busy" or getattr(view, "computing", False):   # a change queued but not yet picked up
             raise RuntimeError("the explorer is still computing; export once the map is shown")
         if status == "error":        # the result held is the previous settings', not what the controls say
             raise RuntimeError("the explorer's last request failed, so no map matches its controls; fix the "

@@ -113,7 +113,7 @@ class Session:
 
     def _target(self, state: dict, logits: torch.Tensor) -> int:
         t = state.get("target", -1)
-        if t is not None and t >= logits.shape[1]:
+        if t is not None and not -1 <= t < logits.shape[1]:
             raise ValueError(f"target={t} is out of range: the model has {logits.shape[1]} classes "
                              f"(0..{logits.shape[1] - 1}; -1: the predicted class)")
         return int(logits.argmax(1)[0]) if t is None or t < 0 else int(t)

@@ -200,8 +200,12 @@ class ExplorerView(anywidget.AnyWidget):
             self._session.progress = lambda f: self._report(generation, f)
             self.status, self.progress = "busy", 0.0
             self._validate(state)
-            updates = self._compute(state)
+            updates, result, stages = self._compute(state)
             if self._current(generation):
+                # what the frontend holds and what Python reports change together, and only for the
+                # latest request: a superseded one that noted its image as shown would keep the next
+                # request from sending that image's pixels
+                self._shown_image, self.result, self.stages = state["image"], result, stages
                 with self.hold_sync():
                     for k, v in updates.items():
                         setattr(self, k, v)
@@ -238,7 +242,9 @@ class ExplorerView(anywidget.AnyWidget):
         for m in state["compare"]:
             get_method(m)
 
-    def _compute(self, state: dict) -> dict:
+    def _compute(self, state: dict) -> tuple[dict, Attribution, list[dict]]:
+        """The trait updates for ``state``, its result and the stage records; applied by ``_work`` only if
+        the request is still the latest."""
         session = self._session
         shown, records = session.evaluate(state)
         updates: dict[str, Any] = {}
@@ -253,12 +259,10 @@ class ExplorerView(anywidget.AnyWidget):
         updates["delta"] = float(result.delta) if result.delta is not None else None
         updates["layer_used"] = result.meta.get("layer") or ""
         updates["_compare_maps"] = self._compare_maps_for(state)
-        self._shown_image = state["image"]
-        self.result = result
-        self.stages = [dict(r.as_dict(), evaluations=result.meta.get("evaluations", 0))
-                       if r.stage == "attribution" and r.ran else r.as_dict() for r in records]
-        updates["_stages"] = self.stages
-        return updates
+        stages = [dict(r.as_dict(), evaluations=result.meta.get("evaluations", 0))
+                  if r.stage == "attribution" and r.ran else r.as_dict() for r in records]
+        updates["_stages"] = stages
+        return updates, result, stages
 
     def _compare_maps_for(self, state: dict) -> list[dict]:
         out = []
@@ -269,6 +273,12 @@ class ExplorerView(anywidget.AnyWidget):
         return out
 
     # --- user API ----------------------------------------------------------------------------------
+    @property
+    def computing(self) -> bool:
+        """Whether a request is queued or running: true from the moment a control changes, while
+        ``status`` turns "busy" only once the worker picks the request up."""
+        return not self._idle.is_set()
+
     def wait(self, timeout: float | None = 600) -> Attribution | None:
         """Block until the latest request is done; raise its error if it failed."""
         if not self._idle.wait(timeout):

@@ -121,6 +121,53 @@ def test_a_closed_or_failed_explorer_says_so(cnn, images, tmp_path):
     assert busy.status == "closed"
     with pytest.raises(RuntimeError, match="it is closed.*nbx.explain"):
         busy.method = "saliency"
+    with pytest.raises(RuntimeError, match="explorer is closed"):
+        export_bar(busy, tmp_path).save("json")
+
+
+def test_an_export_right_after_a_change_never_saves_the_previous_map(cnn, images, tmp_path):
+    """``status`` turns busy only when the worker picks a request up: an export in between saved the old
+    method's map (20 times in 20)."""
+    from nbexplain.export_bar import export_bar
+    import threading
+    w = nbx.explain(cnn, images, method="gradcam")
+    w.wait()
+    bar = export_bar(w, tmp_path)
+    session, evaluate, go = w.view._session, w.view._session.evaluate, threading.Event()
+    session.evaluate = lambda *a, **k: go.wait(60) and evaluate(*a, **k)    # the worker holds until told
+    for i in range(4):
+        go.clear()
+        w.method = "saliency" if i % 2 == 0 else "gradcam"
+        with pytest.raises(RuntimeError, match="still computing"):
+            bar.save("json")
+        go.set()
+        w.wait()
+        assert not w.view.computing and bar.save("json").rsplit("/", 1)[-1].startswith(w.method)
+    w.close()
+
+
+def test_a_superseded_request_leaves_the_shown_image_to_the_latest_one(cnn, images):
+    """A request superseded after its last progress report (here while it makes the new image's pixels)
+    noted that image as shown: the next request for it then sent no pixels, predictions or layers, and
+    the frontend drew image 0 under image 1's map."""
+    w = nbx.explain(cnn, images, method="gradcam")
+    w.wait()
+    session, real_pixels = w.view._session, w.view._session.pixels
+
+    def pixels_then_a_new_target(shown):          # the frontend's next message lands at this moment
+        if w.target != 2:
+            w.target = 2
+        return real_pixels(shown)
+    session.pixels = pixels_then_a_new_target
+    w.image = 1
+    w.wait()
+    session.pixels = real_pixels
+    shown = np.frombuffer(bytes(w.view._image["data"]), np.uint8).reshape(w.view._image["shape"])[..., :3]
+    assert np.abs(shown.astype(int) - images[1].astype(int)).mean() < 2, "image 0's pixels under image 1's map"
+    fresh = nbx.explain(cnn, images, method="gradcam", image=1, target=2)
+    fresh.wait()
+    assert w.view._predictions == fresh.view._predictions and w.result.target == 2
+    w.close(), fresh.close()
 
 
 def test_a_layer_set_as_a_module_becomes_its_name(cnn, images):
@@ -248,6 +295,9 @@ def test_out_of_range_controls_are_refused_by_name(cnn, images):
     w.wait()
     w.target = 5000
     with pytest.raises(ValueError, match=r"target=5000 is out of range: the model has \d+ classes"):
+        w.wait()
+    w.target = -2                                # only -1 means the predicted class, as in nbx.attribute
+    with pytest.raises(ValueError, match=r"target=-2 is out of range.*-1: the predicted class"):
         w.wait()
     w.target = -1
     w.wait()
