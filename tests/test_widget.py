@@ -371,6 +371,13 @@ def test_weights_changed_in_place_recompute_a_cached_setting(images):
     with torch.no_grad():
         next(model.parameters()).mul_(2)                            # training, randomisation...
     assert change(w, layer="") >= {"preprocess", "forward", "workspace", "attribution", "display"}
+    # through .data no version counter moves (a hand-written SGD step): the values still tell
+    change(w, layer="layer1")
+    for p in model.parameters():
+        p.data -= 0.05 * torch.randn_like(p)
+    assert change(w, layer="") >= {"preprocess", "forward", "workspace", "attribution", "display"}
+    fresh = nbx.attribute(model, images[0], w.method, layer=w.layer_used)
+    np.testing.assert_allclose(w.result.map, fresh.map, atol=1e-5)
     w.close()
 
 
