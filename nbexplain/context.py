@@ -325,7 +325,7 @@ class Context:
             logits = self.forward(x)
             targets = self.seen(logits)
             if not maps:
-                raise ValueError("attention: no attention matrix was captured; the model has no timm-style "
+                raise ValueError("attention methods: no attention matrix was captured; the model has no timm-style "
                                  "'attn_drop' after its softmax. Attention methods need a timm Vision "
                                  "Transformer (ViT, DeiT, EVA...); use 'gradcam' on a block's norm1 instead")
             grads = None

@@ -369,11 +369,12 @@ def _block_level(name: str, kind: str) -> bool:
 
 
 def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
-    """A sensible layer for CAMs.
+    """A sensible layer for CAMs: the last one whose grid is still at least 7 cells on its short side, if
+    any is (the last stage at 224 px; an earlier stage for small inputs where the last one is 2x2).
 
-    CNNs: the last layer whose grid is still at least 7 cells on its short side (the last stage
-    at 224 px; an earlier stage for small inputs where the last one is 2x2). ViTs: with class-token
-    pooling the last block's patch tokens get no gradient, so the last block's ``norm1``.
+    CNNs: among the block-level layers. ViTs: with class-token pooling the last block's patch tokens get
+    no gradient, so among the blocks' ``norm1``; hierarchical token models (PVT, DaViT) have stages of
+    shrinking grids like a CNN's, where the rule picks the stage as it does there.
     """
     layers = candidates(model, input_shape)
     if not layers:
@@ -384,13 +385,13 @@ def default_layer(model: nn.Module, input_shape: tuple[int, ...]) -> Layer:
     if tokens and len(tokens) >= len(convs):
         norms = [layer for layer in tokens if layer.name.endswith(".norm1")]
         pool = getattr(core(model)[1], "global_pool", "token")
-        if norms and pool == "token":
-            return norms[-1]
-        blocks = [layer for layer in tokens if not layer.name.endswith(".norm1")
-                  and layer.name != "norm" and "patch_embed" not in layer.name]
-        return (blocks or tokens)[-1]
-    big = [layer for layer in convs if min(layer.grid) >= 7]
-    return (big or convs or layers)[-1]
+        pick = norms if norms and pool == "token" else \
+            [layer for layer in tokens if not layer.name.endswith(".norm1")
+             and layer.name != "norm" and "patch_embed" not in layer.name] or tokens
+    else:
+        pick = convs or layers
+    big = [layer for layer in pick if min(layer.grid) >= 7]
+    return (big or pick)[-1]
 
 
 def checked(model: nn.Module, layer: Layer, module: nn.Module, shape: tuple, input_shape: tuple[int, ...]

@@ -197,6 +197,18 @@ def test_default_layer_on_an_avg_pooled_vit():
     assert out.meta["layer"] == f"blocks.{len(model.blocks) - 1}"
 
 
+def test_default_layer_on_a_hierarchical_token_model_keeps_a_grid_of_seven():
+    """PVT's stages shrink their token grid like a CNN's: at 96x128 its last stage is 3x4, and the default
+    layer is the last stage still at least 7 cells on its short side, as on a CNN (it was the 3x4 one)."""
+    import timm
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10).eval()
+    grids = {layer["name"]: layer["grid"] for layer in nbx.layers(model, make_input(1, (96, 128)))}
+    out = nbx.attribute(model, make_input(1, (96, 128))[0], "gradcam", target=1)
+    assert out.meta["layer"].startswith("stages.1.") and min(grids[out.meta["layer"]]) >= 7
+    assert any(min(g) < 7 for name, g in grids.items() if name.startswith("stages.3."))
+    assert out.map.shape == (96, 128)
+
+
 def test_layers_lists_patch_embed_channels_first(vit):
     # test_vit's patch embedding returns NHWC (dynamic image size); it must be read as a grid
     found = {layer["name"]: layer for layer in nbx.layers(vit, make_input(1, 64))}
