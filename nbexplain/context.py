@@ -88,9 +88,8 @@ class Context:
         Once the logits at x are known, a ViT's last block skips the tokens its head never reads
         (``tail``): its check is a forward."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
-        batched = len(xs) >= 2
-        swap = batched and self.swaps_allowed
-        pairs = list(self.plan.pairs) if swap and len(xs) >= self.plan.min_batch else []
+        swap = len(xs) >= 2 and self.swaps_allowed
+        pairs = list(self.plan.pairs) if swap and self._paying(len(xs)) else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
         fmt = self.layout(len(xs))
@@ -104,7 +103,11 @@ class Context:
         hooks go on: they would record the probe's passes too."""
         if samples < 2:
             return self._single
-        return self.plan.memory_format if samples >= self.plan.min_batch else torch.contiguous_format
+        return self.plan.memory_format if self._paying(samples) else torch.contiguous_format
+
+    def _paying(self, samples: int) -> bool:
+        """Whether a batched pass is big enough for the fast paths to pay (``Plan.min_batch``)."""
+        return samples >= self.plan.min_batch
 
     @cached_property
     def _single(self) -> torch.memory_format:

@@ -263,7 +263,12 @@ def tensor_versions(model: nn.Module) -> tuple[int, ...]:
     """(address, in-place version) of every parameter and buffer, and ``value_sample`` of them all: changes
     when any of them is replaced or modified in place. Reads each module's own tensors (building a
     state_dict() costs ~3x more, and this runs on every call)."""
-    tensors = [t for m in modules_of(model) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    return tensor_key([t for m in modules_of(model) for t in (*m._parameters.values(), *m._buffers.values())
+                       if t is not None])
+
+
+def tensor_key(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    """Each tensor's (address, in-place version), then ``value_sample`` of them all."""
     return (*[v for t in tensors for v in (t.data_ptr(), t._version)], value_sample(tensors))
 
 

@@ -14,7 +14,7 @@ import threading
 from torch import nn
 
 from .hygiene import model_lock
-from .models import describe, register, value_sample
+from .models import describe, register, tensor_key
 
 
 class Replica:
@@ -51,8 +51,8 @@ class Replica:
 def _walk(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
     """What the copy must match (every module object, its hooks and forward overrides, where each tensor's
     storage is: training in place keeps it, ``.to()``, ``p.data = ...`` or a new layer does not), and each
-    tensor's (address, in-place version) and a sample of their values (``value_sample``: an edit through
-    ``.data`` bumps no version), in one walk (1 ms for EfficientNet-Lite0, and the sample's 1 ms)."""
+    tensor's (address, in-place version) and a sample of their values (``models.tensor_key``: an edit
+    through ``.data`` bumps no version), in one walk (1 ms for EfficientNet-Lite0, and the sample's 1 ms)."""
     mods = list(model.modules())
     tensors = [t for m in mods for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
     where = [t.data_ptr() for t in tensors]
@@ -60,7 +60,7 @@ def _walk(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
                                        m._backward_pre_hooks) if d for k in d]
     layout = (tuple(map(id, mods)), tuple(where), tuple(t.shape for t in tensors),
               tuple(m.__dict__.get("forward") for m in mods), tuple(hooks))
-    return layout, (*[v for t, w in zip(tensors, where) for v in (w, t._version)], value_sample(tensors))
+    return layout, tensor_key(tensors)
 
 
 def _copy(model: nn.Module) -> nn.Module:
