@@ -166,6 +166,20 @@ class ExplorerView(anywidget.AnyWidget):
         self.observe(self._viewed, names=list(VIEW_TRAITS))
         self._request()
 
+    def set_state(self, sync_data: dict) -> None:
+        """A value from the frontend that a control cannot hold (a class name typed as the target, say)
+        is shown in the widget, not only in the kernel's log; the frontend gets the kept values back."""
+        try:
+            super().set_state(sync_data)
+        except t.TraitError as e:           # traitlets rolled every value of the message back
+            self.last_error = e
+            with self.hold_sync():
+                self.error = f"TraitError: {e}"
+                self.status = "error"
+            self.send_state([k for k in sync_data if k in self.keys])
+            if self.on_error:
+                self.on_error(e)
+
     # --- requests ----------------------------------------------------------------------------------
     def _changed(self, change: dict) -> None:
         self._request()

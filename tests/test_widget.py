@@ -310,6 +310,22 @@ def test_out_of_range_controls_are_refused_by_name(cnn, images):
     w.close()
 
 
+def test_a_frontend_value_a_control_cannot_hold_shows_in_the_widget(cnn, images):
+    w = nbx.explain(cnn, images, method="gradcam")
+    w.wait()
+    sent = []
+    w.view.send_state = lambda key=None: sent.append(key)
+    w.view.set_state({"method": "saliency", "target": "tabby"})   # as a frontend message would carry it
+    assert w.status == "error" and "target" in w.error
+    assert any("target" in o.get("text", "") for o in w.errors.outputs)
+    assert (w.method, w.target) == ("gradcam", -1)                # the whole message is rolled back
+    assert sent and set(sent[-1]) == {"method", "target"}          # and the frontend gets the kept values
+    w.view.set_state({"target": 1})
+    w.wait()
+    assert w.status == "idle" and w.error == "" and w.result.target == 1
+    w.close()
+
+
 def test_unknown_control_is_rejected(cnn, images):
     with pytest.raises(TypeError, match="unexpected keyword 'stpes'"):
         nbx.explain(cnn, images, stpes=3)
