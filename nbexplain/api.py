@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import platform
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, MutableMapping, Sequence
 
@@ -106,6 +107,8 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         ctx = Context(model, x, choose, info.preprocess, batch_size or auto_batch_size(x, device),
                       memo=memo if memo is not None else {}, progress=progress, layer_name=layer,
                       keep_intermediates=keep_intermediates)
+        if batch_size is not None:       # chosen by the caller: replay uses it too (a pass of one sample runs
+            ctx.meta["batch_size"] = batch_size   # without the batched fast paths, whose maps differ by ~1e-3)
         if logits is not None:
             ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
@@ -170,10 +173,10 @@ def _one_target(t: Any, classes: int, labels: Sequence[str] | None) -> int:
     return int(t)
 
 
-def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, weights: tuple | None = None
+def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, weights: Future | None = None
             ) -> list[Attribution]:
-    """Split a batch run into per-image Attributions with display maps and provenance (``weights``: the
-    key ``start_digest`` returned before the run)."""
+    """Split a batch run into per-image Attributions with display maps and provenance (``weights``: what
+    ``start_digest`` returned before the run)."""
     probs = probabilities(run.logits)
     k = min(TOPK, probs.shape[1])
     top_p, top_i = probs.topk(k, 1)
@@ -222,7 +225,7 @@ def tensor_note(t: torch.Tensor) -> dict:
     return {"tensor": list(t.shape), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def provenance(run: Run, info: ModelInfo, model: nn.Module, weights: tuple | None = None) -> dict:
+def provenance(run: Run, info: ModelInfo, model: nn.Module, weights: Future | None = None) -> dict:
     import timm
     from . import __version__
     params = {k: v for k, v in run.params.items() if not isinstance(v, torch.Tensor)}   # tensors: per image

@@ -1,7 +1,6 @@
 """Load models (embedded offline default, synthetic, timm, torchvision) and describe any model."""
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import os
@@ -34,7 +33,7 @@ class ModelInfo:
 
 
 _INFO: "weakref.WeakKeyDictionary[nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
-_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str | Future]]" = weakref.WeakKeyDictionary()
+_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
 def describe(model: nn.Module, preprocess: Preprocess | None = None,
@@ -259,40 +258,35 @@ def _online(timeout: float = 1.5) -> bool:
         return False
 
 
-def tensor_versions(model: nn.Module) -> tuple[int, ...]:
-    """(address, in-place version) of every parameter and buffer, and ``value_sample`` of them all: changes
-    when any of them is replaced or modified in place. Reads each module's own tensors (building a
-    state_dict() costs ~3x more, and this runs on every call)."""
-    return tensor_key([t for m in modules_of(model) for t in (*m._parameters.values(), *m._buffers.values())
-                       if t is not None])
+def module_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer, from each module's own dicts (a state_dict() costs ~3x more)."""
+    return [t for m in modules_of(model) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
-def tensor_key(tensors: list[torch.Tensor]) -> tuple[int, ...]:
-    """Each tensor's (address, in-place version), then ``value_sample`` of them all."""
-    return (*[v for t in tensors for v in (t.data_ptr(), t._version)], value_sample(tensors))
+def tensor_key(tensors: list[torch.Tensor], values: bool = True) -> tuple[int, ...]:
+    """Each tensor's (address, in-place version), then (``values``) ``value_fingerprint`` of them all."""
+    versions = tuple(v for t in tensors for v in (t.data_ptr(), t._version))
+    return (*versions, value_fingerprint(tensors)) if values else versions
 
 
-def value_sample(tensors: list[torch.Tensor]) -> int:
-    """A hash of three values of each tensor (its first, middle and last). An edit through ``.data`` bumps no
-    version counter (hand-written SGD, ``p.data -= lr * p.grad``; BatchNorm statistics scaled in place), so
-    the versions alone kept a stale weights digest and a stale widget map, while a step that changes a
-    tensor changes these. CPU tensors are read in place (1 ms for resnet50's 320 tensors; three torch ops
-    per tensor cost 6 ms); float tensors elsewhere (a GPU's) give their norms instead, one fused kernel per
-    device and dtype and one copy back, as a torch op per tensor would cost each call milliseconds there."""
+def value_fingerprint(tensors: list[torch.Tensor]) -> int:
+    """A hash of every float tensor's norm and every other tensor's bytes. An edit through ``.data`` (or a
+    numpy view) bumps no version counter: hand-written SGD (``p.data -= lr * p.grad``), a class's head row or
+    a channel zeroed to ablate it. Three sampled values per tensor missed the last two, which left a stale
+    weights digest (replay accepted the edited model) and a stale widget map. The norms read every value,
+    one fused kernel per device and dtype: 8 ms for resnet50's 100 MB on one CPU thread, 2 ms for
+    EfficientNet-Lite0. An edit that keeps a tensor's norm (a permutation, a sign flip) still goes unseen."""
     h = hashlib.blake2b(digest_size=8)
-    elsewhere: dict[tuple, list[torch.Tensor]] = {}
+    floats: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
-        size = t.numel() * t.element_size()
-        if not size or t.layout != torch.strided or t.device.type == "meta":
+        if not t.numel() or t.layout != torch.strided or t.device.type == "meta":
             continue
-        if t.device.type == "cpu" and t.is_contiguous():
-            at = t.data_ptr()
-            for offset in (0, size // 2, max(0, size - 8)):
-                h.update(ctypes.string_at(at + offset, min(8, size - offset)))
-        elif t.is_floating_point():
-            elsewhere.setdefault((str(t.device), t.dtype), []).append(t.detach())
-    for key in sorted(elsewhere, key=str):
-        group = elsewhere[key]
+        if t.is_floating_point():
+            floats.setdefault((str(t.device), t.dtype), []).append(t.detach())
+        else:                                      # counters and index tables: small
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for key in sorted(floats, key=str):
+        group = floats[key]
         try:
             norms = torch.stack(torch._foreach_norm(group)).float()
         except (RuntimeError, NotImplementedError):    # a dtype the fused kernel lacks
@@ -301,34 +295,37 @@ def value_sample(tensors: list[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def weights_digest(model: nn.Module, key: tuple | None = None) -> str:
-    """sha256 of the parameters and buffers; memoised until any tensor changes in place. ``key``: what
-    ``start_digest`` returned in this call (saves walking the model again)."""
-    hit = _DIGESTS.get(model)
-    if key is None or not hit or hit[0] != key:
-        key = tensor_versions(model)
-    if hit and hit[0] == key:
-        return hit[1] if isinstance(hit[1], str) else hit[1].result()
-    digest = _sha256(model.state_dict())
-    _DIGESTS[model] = (key, digest)
-    return digest
+def weights_digest(model: nn.Module, pending: Future | None = None) -> str:
+    """sha256 of the parameters and buffers (memoised while their key is unchanged: ``start_digest``).
+    ``pending``: what ``start_digest`` returned earlier in this call."""
+    return (pending or start_digest(model)).result()
 
 
-def start_digest(model: nn.Module) -> tuple:
+def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
     """Begin ``weights_digest`` in a worker thread, so that it overlaps the attribution's passes (hashlib
-    releases the GIL; on a GPU the CPU is idle meanwhile). The tensors are taken now: a pass that swaps a
-    module's weights (BatchNorm folding) does not touch them. Returns the key (the tensors' versions): read
-    with it, the digest is of the weights as this call found them; read without, a tensor changed in place
-    since then changes the key, so ``weights_digest`` hashes again."""
+    and the norms release the GIL; on a GPU the CPU is idle meanwhile). The tensors and their versions are
+    taken now: a pass that swaps a module's weights (BatchNorm folding) does not touch them, and a tensor
+    changed in place after this call changes the key of the next. ``key``: ``tensor_key`` of the model's
+    tensors, where the caller has just computed it (the widget's fingerprint)."""
     global _HASHER
-    key = tensor_versions(model)
-    hit = _DIGESTS.get(model)
-    if hit and hit[0] == key:
-        return key
     if _HASHER is None:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
-    _DIGESTS[model] = (key, _HASHER.submit(_sha256, model.state_dict()))
-    return key
+    tensors = module_tensors(model) if key is None else None
+    versions = tensor_key(tensors, values=False) if key is None else None
+    return _HASHER.submit(_digest, model, key, tensors, versions, model.state_dict())
+
+
+def _digest(model: nn.Module, key: tuple | None, tensors: list | None, versions: tuple | None,
+            state: dict[str, torch.Tensor]) -> str:
+    """The worker's part of ``start_digest``: the key's norms, then the cached digest or a new one (only this
+    thread reads and writes ``_DIGESTS``)."""
+    key = (*versions, value_fingerprint(tensors)) if key is None else key
+    hit = _DIGESTS.get(model)
+    if hit and hit[0] == key:
+        return hit[1]
+    digest = _sha256(state)
+    _DIGESTS[model] = (key, digest)
+    return digest
 
 
 _HASHER: ThreadPoolExecutor | None = None

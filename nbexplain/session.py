@@ -69,6 +69,7 @@ class Session:
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.model, self.info, self.items = model, info, items
         self.private = Replica(model)         # what the passes run on: the widget computes in the background
+        self._weights_key: tuple | None = None   # the tensors' key at the last fingerprint (the digest reuses it)
         self.cache = ByteLRU(cache_bytes)
         self.graph = Graph(self._stages(), self.cache)
         self.progress: Callable[[float], None] | None = None
@@ -101,7 +102,8 @@ class Session:
     def _fingerprint(self) -> str:
         """Changes whenever any parameter or buffer is replaced or modified in place (training,
         randomisation). Runs on every control change."""
-        return digest(np.array(self.private.refresh(), np.int64))     # also brings the private copy up to date
+        self._weights_key = self.private.refresh()       # also brings the private copy up to date
+        return digest(np.array(self._weights_key, np.int64))
 
     def _preprocess(self, state: dict, up: dict) -> Prepared:
         return prepare(up["image"].source, self.info.preprocess)
@@ -137,7 +139,7 @@ class Session:
     def _attribute(self, state: dict, up: dict) -> Run:
         spec = get_method(state["method"])
         params = spec.validate({p.name: state[p.name] for p in spec.params if p.name in state})
-        start_digest(self.model)                     # hashed while the passes run (provenance)
+        start_digest(self.model, self._weights_key)       # hashed while the passes run (provenance)
         with self.lock:
             run = compute(self.private.copy, up["preprocess"].x, spec, params,
                           target=self._target(state, up["forward"]), layer=layer_of(state) or None,
@@ -147,7 +149,7 @@ class Session:
 
     def _display(self, state: dict, up: dict) -> Shown:
         run, prepared = up["attribution"], up["preprocess"]
-        (result,) = package(run, prepared, self.info, self.model)
+        (result,) = package(run, prepared, self.info, self.model, start_digest(self.model, self._weights_key))
         shown = result.shown()                           # NaN outside the model's crop: drawn uncoloured
         size = shrunk_size(*shown.shape, DISPLAY_MAX_SIDE)
         if size == shown.shape:                          # already at display resolution: no resampling

@@ -850,6 +850,14 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     assert weights_digest(model) == sha(model) != exported.meta["weights_sha256"]
     with pytest.raises(ValueError, match="weights differ"):
         nbx.replay(exported.to_json(), model)
+    # edits of a part of a tensor: a class's head row zeroed, a channel ablated through a numpy view
+    for edit in (lambda: model.fc.weight.data[1].zero_(),
+                 lambda: model.layer3[0].conv1.weight.detach().numpy().__setitem__(7, 0.0)):
+        exported = nbx.attribute(model, make_input(1, 64)[0], "saliency", target=1)
+        edit()
+        assert weights_digest(model) == sha(model) != exported.meta["weights_sha256"]
+        with pytest.raises(ValueError, match="weights differ"):
+            nbx.replay(exported.to_json(), model)
     # channels-last weights are not read in place but by their norms (as a GPU's are)
     model = model.to(memory_format=torch.channels_last)
     before = weights_digest(model)
@@ -882,6 +890,10 @@ def test_a_map_that_is_zero_everywhere_comes_with_a_warning(cnn):
     with pytest.warns(UserWarning, match="vargrad: the map is zero everywhere"):
         out = nbx.attribute(cnn, make_input(1, 64)[0], "vargrad", samples=1, target=1)
     assert not out.raw.any() and "zero everywhere" in out.meta["warnings"][0]
+    # noise 0: E[a²] − E[a]² rounds to ±1e-13, which a normalised map would stretch to full contrast
+    with pytest.warns(UserWarning, match="vargrad: the map is zero everywhere"):
+        out = nbx.attribute(cnn, make_input(1, 64)[0], "vargrad", samples=4, noise=0.0, target=1)
+    assert not out.raw.any() and not out.map.any()
 
 
 def test_a_model_whose_parameters_sit_in_its_first_layer_lists_its_layers():
