@@ -76,6 +76,11 @@ class Context:
             if torch.isnan(self.logits).any() or not torch.isfinite(scores).all():
                 raise ValueError("model: its scores at this input are NaN or infinite, so every map would be too; "
                                  "check the weights (a diverged training run?) and the input's preprocessing")
+            if _probabilities(self.logits):
+                self.warn("model: its outputs are non-negative and sum to 1 for every image: probabilities (a "
+                          "softmax at its end?), not logits. A probability's gradient mixes in every other class "
+                          "and the reported probabilities apply a second softmax: explain the model without its "
+                          "final softmax", stacklevel=4)
         return self._targets
 
     # --- basic passes ------------------------------------------------------------------------------
@@ -95,7 +100,7 @@ class Context:
         fmt = self.layout(len(xs))
         tail = self.tail if swap and self.logits is not None else None
         with folded(pairs, self._folded or []), pruned(self.model, tail):
-            return call(self.model, xs.contiguous(memory_format=fmt))
+            return _checked(call(self.model, xs.contiguous(memory_format=fmt)), len(xs))
 
     def layout(self, samples: int) -> torch.memory_format:
         """The input memory format of a pass of ``samples`` (a one-sample pass probes only when it pays:
@@ -337,6 +342,22 @@ class Context:
                 grads = [g.detach() for g in torch.autograd.grad(differentiable(score), maps)]
         self.report(1.0)
         return Attention([m.detach() for m in maps], grads, names)
+
+
+def _checked(logits: torch.Tensor, samples: int) -> torch.Tensor:
+    """Every pass's output: real class scores, one row per sample (a model may break this only for some batch
+    sizes, which the first pass at one image would not show)."""
+    if logits.ndim != 2 or logits.shape[0] != samples or not logits.is_floating_point():
+        raise ValueError(f"model: expected real class scores of shape (N, classes) for a batch of N={samples}, got "
+                         f"{tuple(logits.shape)} {str(logits.dtype).replace('torch.', '')}; wrap the model so it "
+                         "returns logits, one row per input")
+    return logits
+
+
+def _probabilities(logits: torch.Tensor) -> bool:
+    """Outputs that look like a softmax's: several classes, non-negative, each row summing to 1."""
+    rows = logits.float()
+    return rows.shape[1] > 1 and bool((rows >= 0).all()) and bool(((rows.sum(1) - 1).abs() < 1e-4).all())
 
 
 def graph_start(t: torch.Tensor) -> torch.Tensor:

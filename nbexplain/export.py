@@ -69,26 +69,35 @@ def _from_npy(entry: dict) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(base64.b64decode(entry["data"]))))
 
 
+VIEW_SETTINGS = ("opacity", "colormap", "sign", "clip")     # overlay()'s, for the drawn formats
+
+
 def save(exp: Attribution, path: str | os.PathLike, **view: Any) -> str:
     """Write ``exp`` by extension: .png overlay (+ provenance text chunk), .npz, .json, .html report."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
+    unknown = sorted(set(view) - set(VIEW_SETTINGS))
+    if unknown:          # .json and .npz draw nothing, but a typo there is a typo all the same
+        raise TypeError(f"save: unexpected keyword {unknown[0]!r}; the view settings are "
+                        f"{', '.join(VIEW_SETTINGS)}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"save: {path!r} is a folder; pass a file name in it ending in .png, .npz, .json "
                                 "or .html")
+    # the content is made before the file is opened: a bad setting leaves no empty file behind
     if ext == ".json":
-        with open(path, "w") as f:
-            f.write(to_json(exp))
+        content = to_json(exp).encode()
     elif ext == ".npz":
-        np.savez_compressed(path, map=exp.map, raw=exp.raw.numpy(), provenance=json.dumps(provenance(exp)))
+        buf = io.BytesIO()                    # a path would get ".npz" appended unless it ends in lower case
+        np.savez_compressed(buf, map=exp.map, raw=exp.raw.numpy(), provenance=json.dumps(provenance(exp)))
+        content = buf.getvalue()
     elif ext == ".png":
-        with open(path, "wb") as f:
-            f.write(_encode_png(_overlay(exp, **view), {"nbexplain": json.dumps(provenance(exp))}))
+        content = _encode_png(_overlay(exp, **view), {"nbexplain": json.dumps(provenance(exp))})
     elif ext in (".html", ".htm"):
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(report_html(exp, **view))
+        content = report_html(exp, **view).encode("utf-8")
     else:
         raise ValueError(f"save: unknown file type {ext!r}; use .png, .npz, .json or .html")
+    with open(path, "wb") as f:
+        f.write(content)
     return path
 
 
@@ -129,6 +138,9 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
     which keep only its hash, pass it again (``baseline=...``): it is checked against that hash."""
     from .api import attribute
     from .models import weights_digest
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"replay: model must be the torch.nn.Module the attribution was computed with, got "
+                        f"{type(model).__name__}")
     d = _document(doc)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         got = d.get("format") if isinstance(d, dict) else type(d).__name__
@@ -139,6 +151,7 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
     if weights_digest(model) != d["weights_sha256"]:
         raise ValueError("replay: the model's weights differ from the exported ones (sha256 mismatch); "
                          "pass the model the attribution was computed with")
+    _warn_if_other_code(d, model)
     if image is None and d.get("original_size"):
         warnings.warn("replay: this attribution was shrunk for display (explain_batch's max_side), so its export "
                       "carries the shrunk picture, and a map recomputed from it differs; pass image=<the original "
@@ -149,7 +162,7 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
         try:
             image = _from_npy(d["input"]) if d["input"]["kind"] == "tensor/npy" else \
                 Image.open(io.BytesIO(base64.b64decode(d["input"]["data"]))).convert("RGB")
-        except (KeyError, TypeError, ValueError, OSError) as e:
+        except (KeyError, TypeError, ValueError, OSError, EOFError) as e:
             raise ValueError(f"replay: the export's input is corrupt ({type(e).__name__}: {e}); pass image=... "
                              "or export the attribution again") from None
     from .images import Preprocess
@@ -162,11 +175,31 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
                          "export the attribution again") from None
     for name, note in params.items():
         if isinstance(note, dict) and "tensor" in note:
-            params[name] = _tensor_param(name, note, tensors.get(name), d.get("tensors", {}).get(name))
+            try:
+                params[name] = _tensor_param(name, note, tensors.get(name), (d.get("tensors") or {}).get(name))
+            except (KeyError, TypeError, AttributeError, EOFError, OSError) as e:
+                raise ValueError(f"replay: the export's tensor parameter {name!r} is corrupt ({type(e).__name__}: "
+                                 f"{e}); pass it again ({name}=<the tensor>) or export the attribution again") from None
     layer = d.get("layer") if d.get("layer") and not str(d.get("layer")).startswith("block ") else None
-    result = attribute(model, image, d["method"], target=d["target"], preprocess=pre,
+    result = attribute(model, image, d["method"], target=d["target"], preprocess=pre, batch_size=d.get("batch_size"),
                        **({"layer": layer} if layer else {}), **params)
     return result[0] if isinstance(result, list) else result
+
+
+def _warn_if_other_code(d: dict, model: torch.nn.Module) -> None:
+    """The same weights in another architecture (timm's efficientnet_lite0 pads differently from
+    tf_efficientnet_lite0), or another nbexplain, may compute another map: say so rather than differ silently."""
+    from . import __version__
+    from .models import describe
+    now = {"model": describe(model).name, "model_class": type(model).__name__}
+    for key, value in now.items():
+        if d.get(key) not in (None, value):
+            warnings.warn(f"replay: the export was computed with {key} {d[key]!r} and this is {value!r} (the same "
+                          "weights); if their layers compute differently, so does the map", stacklevel=3)
+    exported = (d.get("versions") or {}).get("nbexplain")
+    if exported not in (None, __version__):
+        warnings.warn(f"replay: the export was computed with nbexplain {exported} and this is {__version__}; a "
+                      "method's defaults or numerics may have changed since", stacklevel=3)
 
 
 def _document(doc: Any) -> Any:
@@ -174,6 +207,9 @@ def _document(doc: Any) -> Any:
     if isinstance(doc, dict):
         return doc
     path = os.fspath(doc) if isinstance(doc, os.PathLike) else doc
+    if isinstance(path, str) and path.lower().endswith((".html", ".htm")) and "\n" not in path:
+        raise ValueError(f"replay: {path!r} is an .html report, whose provenance is a table for people to read; "
+                         "replay the .json, .png or .npz export of the same attribution")
     if isinstance(path, str) and path.lower().endswith((".json", ".png", ".npz")) and "\n" not in path:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"replay: no file {path!r}")

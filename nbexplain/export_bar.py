@@ -10,8 +10,9 @@ from typing import Any
 
 import ipywidgets
 
+from .export import VIEW_SETTINGS
+
 FORMATS = ("png", "npz", "json", "html")
-VIEW_SETTINGS = ("opacity", "colormap", "sign", "clip")
 _HELP = {"png": "the overlay as shown, provenance in the PNG's text chunk",
          "npz": "the map and the method's raw tensor, with provenance",
          "json": "provenance and input: nbx.replay(json, model) recomputes the map",

@@ -17,6 +17,9 @@ _INTERP = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
+MAX_SIDE = 8192          # a model input's side: larger is a typo (its tensor would not fit in memory)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a PIL image becomes the model's input; mirrors timm's eval transform."""
@@ -29,8 +32,18 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        size = (self.size, self.size) if isinstance(self.size, int) else tuple(int(s) for s in self.size)
-        object.__setattr__(self, "size", size)
+        size = (self.size,) * 2 if isinstance(self.size, (int, np.integer)) else self.size
+        if (not isinstance(size, (tuple, list)) or len(size) != 2
+                or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 0 < s <= MAX_SIDE
+                           for s in size)):
+            raise ValueError(f"Preprocess(size={self.size!r}): the model input's side, or (height, width), in "
+                             f"whole pixels from 1 to {MAX_SIDE}")
+        object.__setattr__(self, "size", tuple(int(s) for s in size))
+        if (isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float, np.number))
+                or not 0.1 <= float(self.crop_pct) <= 4):
+            raise ValueError(f"Preprocess(crop_pct={self.crop_pct!r}): the crop's share of the resized picture, "
+                             "a number from 0.1 to 4 (timm's default 0.875; 1.0 keeps it all; VOLO's 1.15 pads)")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         if self.interpolation not in _INTERP:
@@ -106,9 +119,15 @@ def to_pil(image: Any) -> Image.Image:
         if os.path.isdir(image):
             raise ValueError(f"image: {os.fspath(image)!r} is a folder; pass one picture's path, or explain a "
                              "whole folder with nbx.explain_batch(model, folder)")
-        with Image.open(image) as f:
-            f.load()
-            return to_pil(f)
+        try:
+            with Image.open(image) as f:
+                f.load()
+                return to_pil(f)
+        except PermissionError:
+            raise
+        except (OSError, SyntaxError) as e:        # not a picture, or a truncated one (PIL names neither file nor fix)
+            raise ValueError(f"image: {os.fspath(image)!r} could not be read as a picture ({type(e).__name__}: {e}); "
+                             "check the file (a truncated download?) or save it again as PNG or JPEG") from e
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"image: the picture is empty ({image.width}x{image.height} pixels)")
@@ -225,6 +244,9 @@ def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:
         raise ValueError(f"images: a tensor must be (N,C,H,W) or (C,H,W), got shape {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"images: the tensor is empty (shape {tuple(t.shape)})")
+    if t.device.type == "meta":
+        raise ValueError("images: the tensor is on the meta device, so it holds no values to explain; pass one "
+                         "with data (on the CPU or the model's device)")
     if not t.is_floating_point():
         raise TypeError(f"images: a tensor input must be float (already preprocessed), got {t.dtype}; "
                         "pass uint8 pixels as a numpy HWC array instead")
@@ -247,12 +269,10 @@ def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | Non
     if box is None:
         return m
     h, w = shape
-    left, top, right, bottom = box
-    bw, bh = max(1, round(right - left)), max(1, round(bottom - top))
+    x0, y0, bw, bh = _placed(box)
     resized = F.interpolate(torch.from_numpy(m)[None, None], size=(bh, bw), mode="bilinear",
                             align_corners=False)[0, 0].numpy()
     out = np.zeros((h, w), np.float32)
-    x0, y0 = round(left), round(top)
     sx0, sy0 = max(0, -x0), max(0, -y0)
     x1, y1 = min(w, x0 + bw), min(h, y0 + bh)
     out[max(0, y0):y1, max(0, x0):x1] = resized[sy0:sy0 + y1 - max(0, y0), sx0:sx0 + x1 - max(0, x0)]
@@ -284,5 +304,12 @@ def crop_slices(box: tuple[float, float, float, float] | None) -> tuple[slice, s
     """Rows and columns of the original image inside the model's crop (all of them without a crop)."""
     if box is None:
         return slice(None), slice(None)
+    x0, y0, bw, bh = _placed(box)
+    return slice(max(0, y0), max(0, y0 + bh)), slice(max(0, x0), max(0, x0 + bw))
+
+
+def _placed(box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    """(left, top, width, height) in whole pixels of a crop box: one rounding for where a map is placed on the
+    photo and for the region compared (rounding each edge on its own put them a pixel apart)."""
     left, top, right, bottom = box
-    return slice(max(0, round(top)), max(0, round(bottom))), slice(max(0, round(left)), max(0, round(right)))
+    return round(left), round(top), max(1, round(right - left)), max(1, round(bottom - top))

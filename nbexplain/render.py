@@ -46,6 +46,9 @@ def prepare(values: np.ndarray, sign: str, clip: float) -> np.ndarray:
 def overlay(image: np.ndarray, values: np.ndarray, *, opacity: float = 0.5, colormap: str = "auto",
             sign: str = "auto", clip: float = 99.0, signed_method: bool = True) -> np.ndarray:
     """(H,W,3) uint8 image + (H,W) map -> blended (H,W,3) uint8."""
+    for name, value in (("opacity", opacity), ("clip", clip)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
     if not 0.0 <= opacity <= 1.0:                     # also refuses NaN
         raise ValueError(f"opacity={opacity!r}: must be within [0, 1] (0 shows the image only)")
     if not 0.0 <= clip <= 100.0:

@@ -312,6 +312,37 @@ def test_numpy_targets_zero_class_outputs_and_a_progress_that_is_no_function(cnn
         nbx.attribute(cnn, X, "saliency", progress=3)
 
 
+class Outputs(nn.Module):
+    def __init__(self, model, f):
+        super().__init__()
+        self.model, self.f = model, f
+
+    def forward(self, x):
+        return self.f(self.model(x))
+
+
+@pytest.mark.parametrize("f,method,got", [
+    (lambda o: o > 0, "saliency", r"\(1, \d+\) bool"),
+    (lambda o: o.to(torch.complex64), "saliency", r"\(1, \d+\) complex64"),
+    (lambda o: o.sum(), "integrated_gradients", r"\(\) float32"),
+    # right at one image, wrong in a batch (the first pass checked alone let IG and occlusion fail in gather)
+    (lambda o: o.sum(0, keepdim=True), "integrated_gradients", r"batch of N=\d+, got \(1, \d+\)"),
+    (lambda o: o.sum(0, keepdim=True), "occlusion", r"batch of N=\d+, got \(1, \d+\)"),
+    (lambda o: o.sum(0, keepdim=True), "smoothgrad", r"batch of N=\d+, got \(1, \d+\)")])
+def test_every_pass_checks_the_model_returns_one_row_of_real_scores_per_input(cnn, f, method, got):
+    model = Outputs(cnn, f).eval()
+    params = {"integrated_gradients": {"steps": 4, "baseline": "zeros"}, "smoothgrad": {"samples": 4}}.get(method, {})
+    with pytest.raises(ValueError, match=r"model: expected real class scores of shape \(N, classes\).*" + got):
+        nbx.attribute(model, X, method, **params)
+
+
+def test_a_model_that_returns_probabilities_is_told_to_give_logits(cnn):
+    """exp.probs applied a second softmax (0.999 shown as 0.40) without a word."""
+    with pytest.warns(UserWarning, match=r"sum to 1 for every image: probabilities.*without its final softmax"):
+        out = nbx.attribute(Outputs(cnn, lambda o: o.softmax(1)).eval(), X, "saliency")
+    assert "probabilities" in out.meta["warnings"][0]
+
+
 class Sliced(nn.Module):
     def __init__(self, model):
         super().__init__()
@@ -421,6 +452,11 @@ def test_a_tensor_baseline_must_be_finite_and_real_and_numpy_values_are_accepted
 def test_occlusion_stride_larger_than_patch(cnn):
     with pytest.raises(ValueError, match=r"occlusion: stride=16 > patch=8"):
         nbx.attribute(cnn, X, "occlusion", patch=8, stride=16)
+    # one window over the whole input gives every pixel the same drop: a uniform map that localises nothing
+    side = X.shape[-1]
+    with pytest.raises(ValueError, match=rf"occlusion: patch={side} covers the whole {side}x{side} model input "
+                                         rf"in one window.*patch={side // 4}"):
+        nbx.attribute(cnn, X, "occlusion", patch=side, stride=side)
 
 
 @pytest.mark.parametrize("block,head,pattern", [(6, -1, r"block=6 out of range.*6 blocks"),
@@ -546,6 +582,24 @@ def test_array_layout_and_dtype_errors(cnn):
         nbx.attribute(cnn, np.zeros((20, 20, 2), np.uint8), "saliency")
     with pytest.raises(FileNotFoundError, match="image: no file at"):
         nbx.attribute(cnn, "/nonexistent/picture.png", "saliency")
+
+
+def test_a_meta_tensor_input_is_refused_by_name(cnn):
+    with pytest.raises(ValueError, match=r"images: the tensor is on the meta device, so it holds no values"):
+        nbx.attribute(cnn, torch.empty(1, 3, 64, 64, device="meta"), "saliency")
+
+
+def test_a_file_that_is_no_picture_or_a_truncated_one_is_named(cnn, tmp_path):
+    """A truncated PNG raised PIL's 'image file is truncated', naming neither the file nor a fix."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(buf, "PNG")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    for path in (cut, text):
+        with pytest.raises(ValueError, match=rf"image: '.*{path.name}' could not be read as a picture.*check the file"):
+            nbx.attribute(cnn, path, "saliency")
     with pytest.raises(TypeError, match="image: expected a path"):
         nbx.attribute(cnn, {"not": "an image"}, "saliency")
 
@@ -600,3 +654,19 @@ def test_a_class_name_shared_by_several_classes_is_refused(cnn):
     with pytest.raises(ValueError, match=r"target='crane' names 2 classes: 134 \('crane'\), 517 \('crane'\); pass"):
         nbx.attribute(cnn, X, "saliency", target="crane")
     assert nbx.attribute(cnn, X, "saliency", target="Goldfish ").target == 1     # a unique name still works
+
+
+@pytest.mark.parametrize("kw,pattern", [
+    (dict(size=0), r"Preprocess\(size=0\): the model input's side"),
+    (dict(size=-3), r"Preprocess\(size=-3\)"),
+    (dict(size=(32,)), r"Preprocess\(size=\(32,\)\)"),
+    (dict(size=100000), r"Preprocess\(size=100000\).*from 1 to 8192"),
+    (dict(size=(32.5, 32)), r"Preprocess\(size=\(32\.5, 32\)\)"),
+    (dict(crop_pct=0), r"Preprocess\(crop_pct=0\): the crop's share"),
+    (dict(crop_pct=float("nan")), r"Preprocess\(crop_pct=nan\)"),
+    (dict(crop_pct="0.9"), r"Preprocess\(crop_pct='0\.9'\)")])
+def test_preprocess_settings_are_checked_when_made(kw, pattern):
+    """They failed later: ZeroDivisionError, PIL's 'height and width must be > 0', or out of memory."""
+    with pytest.raises(ValueError, match=pattern):
+        nbx.Preprocess(**kw)
+    assert nbx.Preprocess(size=(48, 64), crop_pct=1.15).size == (48, 64)      # VOLO's crop_pct pads

@@ -1,7 +1,9 @@
 """Trust: sanity checks, faithfulness, agreement, shortcut flags, provenance export and replay."""
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,65 @@ def test_randomization_does_not_pass_a_method_whose_map_is_empty(cnn, batch):
                                       params={"vargrad": {"samples": 1}})
     assert report.empty == ["vargrad"] and not report.passed["vargrad"] and report.passed["saliency"]
     assert "vargrad: FAIL (its map of the trained model is constant" in report.reading()
+
+
+def test_a_map_that_randomisation_blanks_gets_no_verdict(cnn, batch):
+    """A randomised network that passes no signal (norm gains re-drawn around 0 silenced the bundled model's
+    last stage) gives a constant map, whose Spearman of 0 read as a PASS."""
+    trained = cnn.fc.weight.detach().clone()
+
+    @register("blank_once_random", kind="pixel", signed=False, summary="gradients, blank on other weights")
+    def blank_once_random(ctx):
+        grads, _ = ctx.input_grads(ctx.x, ctx.targets)
+        return grads.abs() * float(torch.equal(ctx.model.fc.weight, trained))
+    try:
+        report = trust.randomization_test(cnn, batch["images"][0], ["blank_once_random", "saliency"],
+                                          groups=["layer4", "fc"])
+    finally:
+        REGISTRY.pop("blank_once_random")
+    assert report.dead == ["blank_once_random"] and not report.passed["blank_once_random"]
+    assert report.passed["saliency"]
+    assert "blank_once_random: NO VERDICT (its map of the randomised model is constant" in report.reading()
+    assert "once all 2 layer groups are randomised" in report.reading()
+
+
+def test_the_cascade_runs_top_down_whatever_order_the_groups_come_in(cnn, batch):
+    for groups in (["fc", "layer4", "layer1"], ["layer1", "fc", "layer4"]):
+        report = trust.randomization_test(cnn, batch["images"][0], ["saliency"], groups=groups)
+        assert report.steps == ["fc", "layer4", "layer1"]
+
+
+def test_a_full_cascade_redraws_every_parameter_of_a_vit():
+    """A ViT's class token and position embedding belong to no child module, so no group re-drew them."""
+    from nbexplain.trust.randomization import _group_parameters
+    vit = nbx.load_model("synthetic-vit")
+    drawn = {id(p) for g in trust.layer_groups(vit) for p in _group_parameters(vit, g)}
+    assert drawn == {id(p) for p in vit.parameters()}
+
+
+def test_randomization_copes_with_a_model_deepcopy_refuses_and_checks_its_arguments(cnn, batch):
+    import threading
+
+    class Locked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.lock = cnn, threading.Lock()
+
+        def forward(self, x):
+            return self.model(x)
+
+    model = Locked().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))    # preprocessed: a bare wrapper
+    report = trust.randomization_test(model, x, ["saliency"], groups=["model.fc"])
+    assert report.passed["saliency"] is not None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # the copy's own weights
+    with pytest.raises(TypeError, match=r"params: expected a dict of each method's parameters"):
+        trust.randomization_test(cnn, batch["images"][0], ["saliency"], params=[{"steps": 4}])
+    with pytest.raises(ValueError, match=r"params: 'gradcam' is not among the methods tested"):
+        trust.randomization_test(cnn, batch["images"][0], ["saliency"], params={"gradcam": {}})
+    with pytest.raises(TypeError, match=r"seed: expected a non-negative whole number, got '1'"):
+        trust.randomization_test(cnn, batch["images"][0], ["saliency"], seed="1")
 
 
 def test_gradcam_and_ig_beat_a_random_map_on_deletion_and_insertion(cnn, batch):
@@ -146,6 +207,50 @@ def test_replay_reads_export_files_and_names_what_is_wrong(cnn, batch, tmp_path)
             nbx.replay(dict(doc, **bad), cnn)
     with pytest.raises(IsADirectoryError, match="is a folder; pass a file name in it"):
         e.save(tmp_path)
+    for ext in ("json", "npz", "png"):         # a typo is refused for every format, not only the drawn ones
+        with pytest.raises(TypeError, match=r"save: unexpected keyword 'opacty'; the view settings are opacity"):
+            e.save(tmp_path / f"z.{ext}", opacty=0.3)
+    with pytest.raises(TypeError, match=r"opacity: expected a number, got str '0.5'"):
+        e.save(tmp_path / "z.png", opacity="0.5")
+    assert not list(tmp_path.glob("z.*"))
+    # an upper-case extension: numpy appended ".npz" to the path, so save returned a file it had not written
+    path = e.save(tmp_path / "y.NPZ")
+    assert sorted(p.name for p in tmp_path.glob("y*")) == ["y.NPZ"]
+    np.testing.assert_allclose(nbx.replay(path, cnn, image=image).map, e.map, atol=1e-6)
+    html_path = e.save(tmp_path / "x.html")
+    with pytest.raises(ValueError, match=r"an \.html report.*replay the \.json, \.png or \.npz export"):
+        nbx.replay(html_path, cnn)
+    with pytest.raises(TypeError, match="model must be the torch.nn.Module.*got NoneType"):
+        nbx.replay(doc, None)
+    t = json.loads(nbx.attribute(cnn, torch.randn(1, 3, 64, 64), "saliency", target=2)[0].to_json())
+    for cut in (8, 200):                                                            # a truncated .npy
+        with pytest.raises(ValueError, match=r"input is corrupt"):
+            nbx.replay(dict(t, input=dict(t["input"], data=t["input"]["data"][:cut])), cnn)
+    with pytest.raises(ValueError, match=r"tensor parameter 'baseline' is corrupt"):
+        nbx.replay(dict(doc, params=dict(doc["params"], baseline={"tensor": 5})), cnn)
+
+
+def test_replay_says_when_the_same_weights_sit_in_another_architecture(cnn, batch):
+    """Weights loaded into a sibling architecture (timm's efficientnet_lite0 pads unlike tf_efficientnet_lite0)
+    pass the weights check but compute another map."""
+    e = nbx.attribute(cnn, batch["images"][3], "saliency", target=2)
+    doc = json.loads(e.to_json())
+    with pytest.warns(UserWarning, match=r"computed with model 'other_net' and this is"):
+        nbx.replay(dict(doc, model="other_net"), cnn)
+    with pytest.warns(UserWarning, match=r"computed with nbexplain 0\.0\.1 and this is"):
+        nbx.replay(dict(doc, versions=dict(doc["versions"], nbexplain="0.0.1")), cnn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbx.replay(doc, cnn)
+
+
+def test_replay_uses_the_batch_size_the_caller_chose(batch):
+    """One sample per pass runs the model as defined, larger passes with BatchNorm folded (maps ~1e-3 apart on
+    a ReLU6 net): an export made with batch_size=1 replays exactly only with it."""
+    model = nbx.load_model()
+    e = nbx.attribute(model, batch["images"][3], "integrated_gradients", steps=4, batch_size=1)
+    assert e.meta["batch_size"] == 1
+    np.testing.assert_array_equal(nbx.replay(e.to_json(), model).map, e.map)
 
 
 def test_replay_of_a_tensor_input(cnn, batch):
@@ -315,8 +420,20 @@ def test_shortcut_flags_refuse_mismatched_or_empty_input():
     with pytest.raises(ValueError, match=r"maps: shapes differ \(\(8, 8\), \(4, 4\)\); peaks are compared "
                                          r"in pixels, so resample the maps to one shape first"):
         trust.fixed_hotspots([a, np.zeros((4, 4)), b])
-    with pytest.raises(ValueError, match=r"maps: expected 2-D \(H, W\) maps, got shape \(8, 8, 3\)"):
+    with pytest.raises(ValueError, match=r"maps\[0\]: expected a 2-D \(H, W\) map with pixels, got shape \(8, 8, 3\)"):
         trust.fixed_hotspots([np.zeros((8, 8, 3))] * 2)
+    with pytest.raises(ValueError, match=r"maps\[0\]: expected a 2-D \(H, W\) map with pixels, got shape \(0, 0\)"):
+        trust.flag_outside([np.zeros((0, 0))], [np.zeros((0, 0), bool)])
+
+
+def test_shortcut_flags_take_attributions_and_list_masks(cnn, batch):
+    """What nbx.attribute returns raised AttributeError: 'Attribution' object has no attribute 'shape'."""
+    exps = nbx.attribute(cnn, list(batch["images"][:3]), "saliency")
+    masks = [np.ones(e.map.shape, int).tolist() for e in exps]
+    assert trust.flag_outside(exps, masks).tolist() == trust.flag_outside([e.map for e in exps], masks).tolist()
+    assert not trust.flag_outside(exps, masks).any()                     # the whole image is the object
+    flags, _ = trust.fixed_hotspots(exps)
+    assert flags.tolist() == trust.fixed_hotspots([e.map for e in exps])[0].tolist()
 
 
 def test_deletion_insertion_of_a_one_logit_model_follows_its_sigmoid():
@@ -387,3 +504,16 @@ def test_spearman_gives_tied_values_their_average_rank():
     a[:, :12] = b[:, :12] = 0                             # a shared ReLU'd area
     a[0, 12:] = 3.0                                       # and ties of another value
     assert trust.spearman(a, b) == pytest.approx(spearmanr(a.ravel(), b.ravel())[0], abs=1e-12)
+
+
+def test_the_compared_region_is_where_the_map_is_placed_on_the_photo():
+    """The crop box's edges were rounded one way to place the map and another to pick the compared region:
+    a row or column of zeros was compared, or one of the map left out (2 of 3 photo sizes)."""
+    from nbexplain.images import crop_slices, to_original_grid
+    pre = nbx.Preprocess(size=224)
+    for h, w in [(200, 200), (200, 207), (333, 500), (481, 641), (1000, 75)]:
+        _, box = pre(Image.new("RGB", (w, h)))
+        filled = to_original_grid(np.ones((224, 224), np.float32), box, (h, w)) > 0
+        region = np.zeros((h, w), bool)
+        region[crop_slices(box)] = True
+        assert np.array_equal(filled, region), (h, w, box)

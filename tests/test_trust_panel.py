@@ -148,7 +148,7 @@ def test_explorer_opens_a_trust_panel_on_what_it_shows(explorer):
     assert panel.methods[0] == "gradcam" and panel.target == 2
     assert panel.params["gradcam"]["layer"] == "layer1"
     panel.run()
-    assert panel.report is not None and panel.report.steps == ["layer4", "fc"]
+    assert panel.report is not None and panel.report.steps == ["fc", "layer4"]   # top first
 
 
 def test_the_checks_leave_the_model_as_the_user_left_it_while_they_run(image, monkeypatch):

@@ -35,6 +35,10 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
     ph, pw = min(patch, h), min(patch, w)
     filled = make_baseline(x, fill, ctx.preprocess, param="fill")
     spots = [(y, xx) for y in windows(h, ph, stride) for xx in windows(w, pw, stride)]
+    if len(spots) == 1:
+        raise ValueError(f"occlusion: patch={patch} covers the whole {h}x{w} model input in one window, so "
+                         f"every pixel would get the same score drop; use a smaller patch (e.g. "
+                         f"patch={max(1, min(h, w) // 4)}, stride={max(1, min(h, w) // 8)})")
     base = ctx.logits.gather(1, t[:, None])[:, 0]            # the pass that chose the targets
     total = torch.zeros(n, 1, h, w, device=x.device)
     count = torch.zeros(1, 1, h, w, device=x.device)

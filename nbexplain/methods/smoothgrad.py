@@ -84,7 +84,10 @@ def _tunnel(variant: str):
             ctx.meta["display"] = _DISPLAY[base]
             return mean
         ctx.meta["display"] = ("sum", False)
-        return squares / samples if variant == "smoothgrad_sq" else squares / samples - mean * mean
+        if variant == "smoothgrad_sq":
+            return squares / samples
+        # E[a²] − E[a]² rounds to ±1e-13 where the variance is 0 (noise 0, a constant image): not a map
+        return (squares / samples - mean * mean).clamp_min(0)
     return run
 
 

@@ -28,22 +28,30 @@ def outside_share(saliency: np.ndarray, mask: np.ndarray, top: float = TOP_SHARE
 
 def flag_outside(maps: list[np.ndarray], masks: list[np.ndarray], threshold: float = OUTSIDE_FLAG) -> np.ndarray:
     """Per image: does the strongest evidence sit mostly off the object?"""
-    maps, masks = list(maps), list(masks)
+    maps, masks = _maps(maps), [np.asarray(k) for k in masks]
     if len(maps) != len(masks):
         # zip would drop the unmatched maps and return fewer flags than images
         raise ValueError(f"masks: got {len(masks)} masks for {len(maps)} maps; pass one mask per map, in order")
     return np.array([outside_share(m, k) > threshold for m, k in zip(maps, masks)])
 
 
+def _maps(maps) -> list[np.ndarray]:
+    """Each map as a 2-D array: an Attribution gives its ``.map``."""
+    out = [np.asarray(getattr(m, "map", m), dtype=np.float32) for m in maps]
+    for i, m in enumerate(out):
+        if m.ndim != 2 or not m.size:
+            raise ValueError(f"maps[{i}]: expected a 2-D (H, W) map with pixels, got shape {m.shape}; pass the "
+                             "Attributions nbx.attribute returns, or their .map")
+    return out
+
+
 def fixed_hotspots(maps: list[np.ndarray], radius: float = HOTSPOT_RADIUS,
                    share: float = HOTSPOT_SHARE) -> tuple[np.ndarray, tuple[float, float] | None]:
     """Mask-free signal: per image, does its peak sit at a location where many images peak, although the
     objects move between images? Returns the per-image flags and that location (row, col) or None."""
-    maps = [np.asarray(m) for m in maps]
+    maps = _maps(maps)
     if not maps:
         raise ValueError("maps: the list is empty; pass the maps of several images")
-    if maps[0].ndim != 2:
-        raise ValueError(f"maps: expected 2-D (H, W) maps, got shape {maps[0].shape}; pass Attribution.map")
     shapes = list(dict.fromkeys(m.shape for m in maps))
     if len(shapes) > 1:
         raise ValueError(f"maps: shapes differ ({', '.join(map(str, shapes[:4]))}); peaks are compared in pixels, "
