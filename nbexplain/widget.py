@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from .methods import REGISTRY, get as get_method
+from ._errors import positive_int
 from .attribution import Attribution
 from .calls import eager
 from .layers import layer_name
@@ -451,6 +452,7 @@ def explain(model: Any = None, images: Any = None, *, labels: Sequence[str] | No
     """Open the explorer on ``images`` (one or many) for ``model`` (a timm name, a module, or None
     for the embedded default). Keyword arguments set controls: ``method='integrated_gradients'``…"""
     from .samples import sample_image
+    cache_bytes = positive_int("cache_bytes", cache_bytes, "bytes of results the explorer keeps, e.g. 2 << 30")
     if model is None or isinstance(model, str):
         model = load_model(model, pretrained=isinstance(model, str) and not model.startswith("synthetic"))
     model = eager(model)

@@ -329,6 +329,8 @@ def test_a_frontend_value_a_control_cannot_hold_shows_in_the_widget(cnn, images)
 def test_unknown_control_is_rejected(cnn, images):
     with pytest.raises(TypeError, match="unexpected keyword 'stpes'"):
         nbx.explain(cnn, images, stpes=3)
+    with pytest.raises(ValueError, match=r"cache_bytes=-1: expected a positive integer \(bytes of results"):
+        nbx.explain(cnn, images, cache_bytes=-1)
 
 
 def test_rapid_changes_end_in_the_state_of_the_last(cnn, images):
