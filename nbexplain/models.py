@@ -54,6 +54,14 @@ def describe(model: nn.Module, preprocess: Preprocess | None = None,
     if labels is not None:
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
             raise TypeError(f"labels: expected a list of class names, got a {type(labels).__name__}")
+        if isinstance(labels, dict):          # {index: name}, as many datasets give them
+            if sorted(labels) != list(range(len(labels))):
+                raise ValueError("labels: a dict must map every class index 0..n-1 to its name; pass a list of "
+                                 "names in the order of the model's outputs")
+            labels = [labels[i] for i in range(len(labels))]
+        labels = list(labels)
+        if any(label is None for label in labels):
+            raise ValueError(f"labels: class {labels.index(None)} has no name (None); give every class one")
         info = replace(info, labels=tuple(str(label) for label in labels))
     return info
 

@@ -670,3 +670,13 @@ def test_preprocess_settings_are_checked_when_made(kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         nbx.Preprocess(**kw)
     assert nbx.Preprocess(size=(48, 64), crop_pct=1.15).size == (48, 64)      # VOLO's crop_pct pads
+
+
+def test_labels_may_be_an_index_to_name_dict_but_not_hold_gaps(cnn):
+    """A dict's keys became the names ("0", "1", ...), and None entries the name "None"."""
+    names = {i: f"class {i}" for i in range(1000)}
+    assert nbx.attribute(cnn, X, "saliency", target=3, labels=names).label == "class 3"
+    with pytest.raises(ValueError, match=r"labels: a dict must map every class index 0\.\.n-1"):
+        nbx.attribute(cnn, X, "saliency", labels={1: "a", 2: "b"})
+    with pytest.raises(ValueError, match=r"labels: class 1 has no name \(None\)"):
+        nbx.attribute(cnn, X, "saliency", labels=["a", None] + ["c"] * 998)
