@@ -1,6 +1,7 @@
 """Calling the user's model: the eager module behind a compiled one, inputs in its dtype, logits out."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -23,6 +24,7 @@ def inputs_for(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 _SHAPE_WORDS = ("size", "shape", "divisible", "dimension", "match")
+_CHANNELS = re.compile(r"to have (\d+) channels, but got (\d+) channels")      # torch's conv message
 
 
 def call(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +42,13 @@ def size_hint(x: torch.Tensor) -> Iterator[None]:
     try:
         yield
     except (AssertionError, RuntimeError, ValueError) as e:
+        channels = _CHANNELS.search(str(e))
+        if channels and hasattr(e, "add_note"):
+            want, got = channels.groups()
+            e.add_note(f"nbexplain: the model's first layer takes {want} channels and the input has {got}. Pictures "
+                       "get as many channels as the preprocessing's mean and std have values: pass preprocess="
+                       f"nbx.Preprocess(..., mean=<{want} values>, std=<{want} values>), or a tensor with {want} channels.")
+            raise
         if (not isinstance(e, torch.OutOfMemoryError) and hasattr(e, "add_note")
                 and (any(w in str(e).lower() for w in _SHAPE_WORDS)
                      or (isinstance(e, AssertionError) and not str(e).strip()))):   # a bare shape assert

@@ -680,3 +680,13 @@ def test_labels_may_be_an_index_to_name_dict_but_not_hold_gaps(cnn):
         nbx.attribute(cnn, X, "saliency", labels={1: "a", 2: "b"})
     with pytest.raises(ValueError, match=r"labels: class 1 has no name \(None\)"):
         nbx.attribute(cnn, X, "saliency", labels=["a", None] + ["c"] * 998)
+
+
+def test_a_preprocessing_with_the_wrong_channel_count_says_how_many_the_model_takes(cnn):
+    """It got the note about input sizes, which sent the user looking in the wrong place."""
+    gray = nbx.Preprocess(size=64, mean=(0.5,), std=(0.25,))
+    plain = Outputs(cnn, lambda o: o).eval()                       # a bare module: the preprocessing is ours
+    with pytest.raises(RuntimeError) as err:
+        nbx.attribute(plain, np.full((64, 64, 3), 100, np.uint8), "saliency", preprocess=gray)
+    note = " ".join(getattr(err.value, "__notes__", []))
+    assert "first layer takes 3 channels and the input has 1" in note and "size" not in note.split(".")[0]
