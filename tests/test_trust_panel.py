@@ -41,7 +41,7 @@ def test_run_fills_every_plot_and_states_pass_fail_with_the_threshold(cnn, image
     assert panel.report.passed == {"gradcam": True, "saliency": True, edge_foil: False}
     assert [s.split(":")[1].strip() for s in panel.random_lines.labels] == ["PASS", "PASS", "FAIL"]
     text = panel.reading.value
-    assert "PASS" in text and "FAIL" in text and "below <b>0.5</b>" in text
+    assert "PASS" in text and "FAIL" in text and f"below <b>0.5</b> once all {len(groups)} layer groups" in text
     # deletion and insertion: every method plus a random ranking, AUC in the legend
     for marks, kind in ((panel.deletion_lines, "deletion"), (panel.insertion_lines, "insertion")):
         assert len(marks) == 4

@@ -227,7 +227,7 @@ class TrustPanel(ipywidgets.VBox):
         with self.random_lines.hold_sync():
             self.random_lines.x = xs
             self.random_lines.y = np.array([[1.0, *report.scores[m]["spearman_abs"]] for m in methods])
-            self.random_lines.labels = [f"{m}: {'PASS' if report.passed.get(m) else 'FAIL'}" for m in methods]
+            self.random_lines.labels = [f"{m}: {report.verdict(m)}" for m in methods]
         with self.threshold_line.hold_sync():
             self.threshold_line.x = [xs[0], xs[-1]]
             self.threshold_line.y = [report.threshold, report.threshold]
@@ -250,7 +250,7 @@ class TrustPanel(ipywidgets.VBox):
             final = scores[-1] if r.mode == "cascading" else min(scores)
             ok = r.passed.get(m, False)
             colour = "#2e7d32" if ok else WARN
-            rows.append(f"<li><b>{html.escape(m)}</b>: <b style='color:{colour}'>{'PASS' if ok else 'FAIL'}</b> "
+            rows.append(f"<li><b>{html.escape(m)}</b>: <b style='color:{colour}'>{r.verdict(m)}</b> "
                         f"({'final' if r.mode == 'cascading' else 'lowest'} Spearman of |map| = {final:.2f}, "
                         f"threshold {r.threshold})"
                         + ("" if ok else f" — {html.escape(r.why(m))}")
@@ -259,8 +259,8 @@ class TrustPanel(ipywidgets.VBox):
         faith = "".join(f"<li>{html.escape(m)}: deletion AUC {c[m].deletion_auc:.3f}, insertion AUC "
                         f"{c[m].insertion_auc:.3f}</li>" for m in self.methods + ["random"])
         return (f"<b>Randomisation test ({html.escape(r.mode)})</b>: a method passes when the Spearman "
-                f"correlation of |map| with the original drops below <b>{r.threshold}</b> once every layer is "
-                f"randomised.<ul style='margin:2px 0'>{''.join(rows)}</ul>"
+                f"correlation of |map| with the original drops below <b>{r.threshold}</b> {html.escape(r.when)}."
+                f"<ul style='margin:2px 0'>{''.join(rows)}</ul>"
                 f"<b>Faithfulness</b> ({html.escape(self.fill)} fill; deletion: lower is better, insertion: "
                 f"higher is better; 'random' ranks pixels at random):<ul style='margin:2px 0'>{faith}</ul>"
                 f"<b>Agreement</b>: mean rank correlation between methods "

@@ -34,14 +34,21 @@ class RandomizationReport:
     empty: list[str] = field(default_factory=list)    # methods whose original map is constant: no verdict
     dead: list[str] = field(default_factory=list)     # methods whose randomised map went constant: no verdict
 
-    def reading(self) -> str:
-        when = (f"once all {len(self.steps)} layer groups are randomised" if self.mode == "cascading"
+    @property
+    def when(self) -> str:
+        """When a method is judged: the words the reading and the trust panel use."""
+        return (f"once all {len(self.steps)} layer groups are randomised" if self.mode == "cascading"
                 else "for at least one layer group")
+
+    def verdict(self, method: str) -> str:
+        return "NO VERDICT" if method in self.dead else "PASS" if self.passed.get(method) else "FAIL"
+
+    def reading(self) -> str:
         lines = [f"{self.mode} randomisation; a method passes when the Spearman correlation of |map| with "
-                 f"the original drops below {self.threshold} {when}"]
+                 f"the original drops below {self.threshold} {self.when}"]
         for m, ok in self.passed.items():
             if m in self.empty or m in self.dead:
-                lines.append(f"  {m}: {'FAIL' if m in self.empty else 'NO VERDICT'} ({self.why(m)})")
+                lines.append(f"  {m}: {self.verdict(m)} ({self.why(m)})")
                 continue
             final = self.scores[m]["spearman_abs"][-1 if self.mode == "cascading" else
                                                     int(np.argmin(self.scores[m]["spearman_abs"]))]
