@@ -96,8 +96,8 @@ def _randomize(params: list[nn.Parameter], generator: torch.Generator) -> None:
     ~0 and silenced the network after them: every map went blank, which read as a pass."""
     with torch.no_grad():
         for p in params:
-            std = float(p.std()) if p.numel() > 1 else 0.0
-            mean = float(p.mean()) if p.numel() else 0.0
+            # a single value has no spread to keep (a scalar gain or temperature): drawn around 0, as before
+            std, mean = (float(p.std()), float(p.mean())) if p.numel() > 1 else (0.0, 0.0)
             p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) * (std or 0.02) + mean)
 
 
@@ -113,8 +113,9 @@ def _group_parameters(model: nn.Module, group: str) -> list[nn.Parameter]:
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """A copy with its own parameters and buffers, to re-draw; a model that cannot be deep-copied (a lock, an
-    open file) gets its module tree copied instead (``replica.tree_copy``), with cloned parameters."""
+    """A copy with its own parameters, to re-draw; a model that cannot be deep-copied (a lock, an open file)
+    gets its module tree copied instead (``replica.tree_copy``), with cloned parameters and shared buffers
+    (nothing here writes them)."""
     try:
         return copy.deepcopy(model)
     except Exception:   # noqa: BLE001 - whatever deepcopy refuses, the tree copy does not need
