@@ -173,13 +173,19 @@ class ExplorerView(anywidget.AnyWidget):
         try:
             super().set_state(sync_data)
         except t.TraitError as e:           # traitlets rolled every value of the message back
-            self.last_error = e
-            with self.hold_sync():
-                self.error = f"TraitError: {e}"
-                self.status = "error"
+            self._fail(e, map_stale=False)  # the map shown still matches the controls kept
             self.send_state([k for k in sync_data if k in self.keys])
-            if self.on_error:
-                self.on_error(e)
+
+    def _fail(self, e: BaseException, map_stale: bool = True) -> None:
+        """Show ``e`` in the widget and in the cell (``on_error``)."""
+        self.last_error = e
+        with self.hold_sync():
+            self.error = f"{type(e).__name__}: {e}"
+            if map_stale:
+                self.layer_used = ""        # the last map's layer is not what the failed request used
+            self.status = "error"
+        if self.on_error:
+            self.on_error(e)
 
     # --- requests ----------------------------------------------------------------------------------
     def _changed(self, change: dict) -> None:
@@ -230,13 +236,7 @@ class ExplorerView(anywidget.AnyWidget):
             pass
         except Exception as e:                      # shown in the widget and in the cell
             if self._current(generation):
-                self.last_error = e
-                with self.hold_sync():
-                    self.error = f"{type(e).__name__}: {e}"
-                    self.layer_used = ""            # the last map's layer is not what this request used
-                    self.status = "error"
-                if self.on_error:
-                    self.on_error(e)
+                self._fail(e)
         finally:
             with self._lock:
                 self._pending -= 1
