@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .allocator import reused_memory
+
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -31,7 +33,8 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
 
     Restoring each module's own flags (not calling ``model.train()``) keeps mixed train/eval
     states intact, and freezing parameters means autograd only ever produces input gradients,
-    so ``.grad`` of the user's parameters is never touched.
+    so ``.grad`` of the user's parameters is never touched. Every computation with the model runs in
+    this scope, so it is also where a CPU call keeps its large buffers for reuse (``reused_memory``).
     """
     with model_lock(model):
         walks = _SCOPE.__dict__.setdefault("walks", {})
@@ -40,7 +43,8 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
             return
         walks[id(model)] = (model, list(model.modules()))
         try:
-            yield from _borrowed(model)
+            with reused_memory(model_device(model)):
+                yield from _borrowed(model)
         finally:
             del walks[id(model)]
 

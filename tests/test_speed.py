@@ -8,7 +8,7 @@ from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
 import nbexplain as nbx
-from nbexplain import context
+from nbexplain import allocator, context
 from nbexplain.hygiene import borrowed, hook_count
 from nbexplain.speed import input_format, plan
 from conftest import TARGET, assert_close, make_input, make_model
@@ -589,3 +589,83 @@ def test_a_plain_resnet_takes_the_fast_paths_only_where_its_activations_outweigh
         nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=16, batch_size=16)
         assert (16 in sizes) != fast and (16, fast) in layouts, (name, size, sizes, layouts)
         monkeypatch.undo()
+
+
+def _page_faults_of_a_fresh_buffer(nbytes: int) -> float:
+    """Minor page faults per buffer when buffers of ``nbytes`` are allocated, touched and freed over and over
+    (as a model's passes do), once glibc's bins have settled (a few rounds)."""
+    import resource
+    for _ in range(6):
+        torch.ones(nbytes // 4)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.ones(nbytes // 4)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+
+
+glibc_only = pytest.mark.skipif(allocator._glibc() is None, reason="the buffer reuse is glibc's malloc (Linux)")
+
+
+@glibc_only
+def test_within_a_call_large_cpu_buffers_are_reused_and_handed_back_after():
+    pages = (96 << 20) // 4096                            # a batch of activations, over glibc's 32 MiB
+    with allocator.reused_memory(torch.device("cpu")):
+        inside = _page_faults_of_a_fresh_buffer(96 << 20)
+    after = _page_faults_of_a_fresh_buffer(96 << 20)
+    assert inside < pages // 10, "a freed buffer was not reused within the call"
+    assert after > pages // 2, "the process kept the call's malloc settings after it"
+
+
+@glibc_only
+def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_end():
+    import threading
+    pages = (96 << 20) // 4096
+    other_in, release = threading.Event(), threading.Event()
+
+    def other_call():
+        with allocator.reused_memory(torch.device("cpu")):
+            other_in.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other_call)
+    t.start()
+    try:
+        other_in.wait(30)
+        with allocator.reused_memory(torch.device("cpu")):
+            pass
+        during_other = _page_faults_of_a_fresh_buffer(96 << 20)    # this thread's call ended, the other's not
+    finally:
+        release.set()
+        t.join(30)
+    assert during_other < pages // 10
+    assert allocator._depth == 0
+    assert _page_faults_of_a_fresh_buffer(96 << 20) > pages // 2
+
+
+def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):
+    calls = []
+
+    class Recorder:
+        def mallopt(self, *a):
+            calls.append(a)
+            return 1
+
+        def malloc_trim(self, *a):
+            calls.append(a)
+
+    monkeypatch.setattr(allocator, "_glibc", lambda: Recorder())
+    with allocator.reused_memory(torch.device("meta")):
+        pass
+    assert calls == []
+    with allocator.reused_memory(torch.device("cpu")):
+        assert len(calls) == 2                             # the mmap and trim thresholds raised
+    assert len(calls) == 5                                 # both put back, the free memory trimmed
+    monkeypatch.undo()
+    for env in ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
+                {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            allocator._glibc.cache_clear()
+            assert allocator._glibc() is None, env
+    allocator._glibc.cache_clear()
