@@ -3,6 +3,8 @@ never at the cost of a different answer."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -613,8 +615,16 @@ def _resident_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _idle(seconds: float = 0.1) -> None:
+    time.sleep(seconds)
+    for timer in [t for t in threading.enumerate() if isinstance(t, threading.Timer)]:
+        timer.join(5)
+
+
 @glibc_only
-def test_within_a_call_large_cpu_buffers_are_reused_and_handed_back_after():
+def test_large_cpu_buffers_are_reused_within_and_between_calls_and_handed_back_when_idle(monkeypatch):
+    monkeypatch.setattr(allocator, "IDLE_S", 0.05)
+    _idle()
     pages = (96 << 20) // 4096                            # a batch of activations, over glibc's 32 MiB
     assert allocator._depth == 0, "a call is still in progress"
     before = _resident_mib()
@@ -623,12 +633,18 @@ def test_within_a_call_large_cpu_buffers_are_reused_and_handed_back_after():
         held = _resident_mib()
     assert inside < pages // 10, "a freed buffer was not reused within the call"
     assert held > before + 90, "the freed buffers were not kept during the call"
-    assert _resident_mib() < before + 32, "the call's free memory was not handed back"
+    with allocator.reused_memory(torch.device("cpu")):  # the next call, at once: still there to reuse
+        import resource
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones((96 << 20) // 4)
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start < pages // 10
+    _idle()
+    assert _resident_mib() < before + 32, "the free memory was not handed back once no call ran"
 
 
 @glibc_only
-def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_end():
-    import threading
+def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_end(monkeypatch):
+    monkeypatch.setattr(allocator, "IDLE_S", 0.05)
     pages = (96 << 20) // 4096
     other_in, release = threading.Event(), threading.Event()
 
@@ -650,7 +666,8 @@ def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_en
         t.join(30)
     assert during_other < pages // 10
     assert allocator._depth == 0
-    assert _resident_mib() < held - 64, "the last call to end did not hand the free memory back"
+    _idle()
+    assert _resident_mib() < held - 64, "the free memory was not handed back once both calls ended"
 
 
 def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):
@@ -668,9 +685,12 @@ def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):
     with allocator.reused_memory(torch.device("meta")):
         pass
     assert calls == []
+    monkeypatch.setattr(allocator, "IDLE_S", 0.05)
     with allocator.reused_memory(torch.device("cpu")):
         assert len(calls) == 2                             # the mmap and trim thresholds raised
-    assert len(calls) == 5                                 # both put back, the free memory trimmed
+    assert len(calls) == 4                                 # both put back
+    _idle()
+    assert len(calls) == 5 and calls[-1] == (0,)          # the free memory trimmed once idle
     monkeypatch.undo()
     for env in ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"},
                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}):
