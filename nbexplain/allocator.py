@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Iterator
@@ -38,7 +39,8 @@ _MMAP_DURING, _TRIM_DURING = (1 << 30, 32 << 20), (1 << 31) - 1
 _lock = threading.Lock()
 _depth = 0        # calls in progress, over all threads: the first sets the thresholds, the last restores them
 _raised = False   # whether the first one could
-_calls = 0        # calls started so far: an idle trim scheduled before the latest one is void
+_last_end = 0.0   # time.monotonic() when the last call ended
+_trimmer: threading.Thread | None = None   # the one thread waiting to trim, if any
 IDLE_S = 2.0      # seconds without a call before the free memory goes back to the kernel
 
 
@@ -70,10 +72,9 @@ def reused_memory(device: torch.device) -> Iterator[None]:
     if libc is None:
         yield
         return
-    global _depth, _raised, _calls
+    global _depth, _raised, _last_end, _trimmer
     with _lock:
         _depth += 1
-        _calls += 1
         if _depth == 1:
             # the trim threshold only with the mmap one: alone it would freeze the sliding mmap threshold
             # where it stands, maybe at 128 KiB, and IG then took twice as long
@@ -88,12 +89,22 @@ def reused_memory(device: torch.device) -> Iterator[None]:
             if _depth == 0 and _raised:
                 for param, value in _AFTER:
                     libc.mallopt(param, value)
-                timer = threading.Timer(IDLE_S, _trim_if_idle, (libc, _calls))
-                timer.daemon = True
-                timer.start()
+                _last_end = time.monotonic()
+                if _trimmer is None:
+                    _trimmer = threading.Thread(target=_trim_when_idle, args=(libc,), daemon=True,
+                                                name="nbexplain-trim")
+                    _trimmer.start()
 
 
-def _trim_if_idle(libc: ctypes.CDLL, calls: int) -> None:
-    with _lock:
-        if _depth == 0 and _calls == calls:
-            libc.malloc_trim(0)
+def _trim_when_idle(libc: ctypes.CDLL) -> None:
+    """Hands the free memory back once no call has run for ``IDLE_S`` seconds, then ends (one such thread
+    at a time: a loop of short calls must not leave a sleeping thread per call)."""
+    global _trimmer
+    while True:
+        with _lock:
+            wait = IDLE_S if _depth else _last_end + IDLE_S - time.monotonic()
+            if wait <= 0:
+                libc.malloc_trim(0)
+                _trimmer = None
+                return
+        time.sleep(wait)

@@ -615,10 +615,11 @@ def _resident_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _idle(seconds: float = 0.1) -> None:
-    time.sleep(seconds)
-    for timer in [t for t in threading.enumerate() if isinstance(t, threading.Timer)]:
-        timer.join(5)
+def _idle() -> None:
+    """Waits for the memory to be handed back (``allocator.IDLE_S`` after the last call)."""
+    trimmer = allocator._trimmer
+    if trimmer is not None:
+        trimmer.join(10)
 
 
 @glibc_only
