@@ -326,8 +326,15 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
     and the norms release the GIL; on a GPU the CPU is idle meanwhile). The tensors and their versions are
     taken now: a pass that swaps a module's weights (BatchNorm folding) does not touch them, and a tensor
     changed in place after this call changes the key of the next. ``key``: ``tensor_key`` of the model's
-    tensors, where the caller has just computed it (the widget's fingerprint)."""
+    tensors, where the caller has just computed it (the widget's fingerprint): a digest already made under
+    that key is returned at once, without the state dict (2 ms on EfficientNet-Lite0, twice per widget
+    change)."""
     global _HASHER
+    hit = _DIGESTS.get(model) if key is not None else None     # written by the worker only; a read is atomic
+    if hit is not None and hit[0] == key:
+        done: Future = Future()
+        done.set_result(hit[1])
+        return done
     if _HASHER is None:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
     tensors = module_tensors(model) if key is None else None

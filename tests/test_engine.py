@@ -866,6 +866,21 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     assert weights_digest(model) == sha(model) != before
 
 
+
+def test_a_digest_under_a_known_key_is_returned_at_once_and_a_new_key_is_hashed_anew(monkeypatch):
+    """The widget passes its weights key on every control change: a digest made under that key comes back
+    without a state dict (2 ms a change); a key that moved (an edit) gets the new weights' digest."""
+    from nbexplain.models import module_tensors, start_digest, tensor_key
+    model = make_model("resnet18", num_classes=10)
+    key = tensor_key(module_tensors(model), values=True)
+    first = start_digest(model, key).result()
+    monkeypatch.setattr(model, "state_dict", lambda *a, **k: pytest.fail("state dict rebuilt for a known key"))
+    assert start_digest(model, key).result() == first
+    monkeypatch.undo()
+    model.fc.weight.data[0].zero_()
+    moved = tensor_key(module_tensors(model), values=True)
+    assert moved != key and start_digest(model, moved).result() != first
+
 def test_imagenet_class_names_are_timms():
     """A 1000-class model is labelled with timm's ImageNet-1k names (read from timm's files directly)."""
     from timm.data import ImageNetInfo
