@@ -616,7 +616,12 @@ def _resident_mib() -> float:
 
 
 def _idle() -> None:
-    """Waits for the memory to be handed back (``allocator.IDLE_S`` after the last call)."""
+    """Waits until no call is in progress (an earlier test's widget may still be computing in its thread)
+    and the memory is handed back (``allocator.IDLE_S`` after the last call)."""
+    deadline = time.monotonic() + 60
+    while allocator._depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert allocator._depth == 0, "a call is still in progress"
     trimmer = allocator._trimmer
     if trimmer is not None:
         trimmer.join(10)
@@ -627,7 +632,6 @@ def test_large_cpu_buffers_are_reused_within_and_between_calls_and_handed_back_w
     monkeypatch.setattr(allocator, "IDLE_S", 0.05)
     _idle()
     pages = (96 << 20) // 4096                            # a batch of activations, over glibc's 32 MiB
-    assert allocator._depth == 0, "a call is still in progress"
     before = _resident_mib()
     with allocator.reused_memory(torch.device("cpu")):
         inside = _page_faults_of_a_fresh_buffer(96 << 20)
@@ -646,6 +650,7 @@ def test_large_cpu_buffers_are_reused_within_and_between_calls_and_handed_back_w
 @glibc_only
 def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_end(monkeypatch):
     monkeypatch.setattr(allocator, "IDLE_S", 0.05)
+    _idle()
     pages = (96 << 20) // 4096
     other_in, release = threading.Event(), threading.Event()
 
@@ -666,12 +671,12 @@ def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_en
         release.set()
         t.join(30)
     assert during_other < pages // 10
-    assert allocator._depth == 0
     _idle()
     assert _resident_mib() < held - 64, "the free memory was not handed back once both calls ended"
 
 
 def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):
+    _idle()                                                # no other call's settings or trimmer around
     calls = []
 
     class Recorder:
