@@ -33,7 +33,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt's parameters (mallo
 # glibc's own limits once its sliding threshold has met one large buffer (which any torch workload does):
 # a fixed mallopt value cannot be read back, so these are what a call leaves behind
 _AFTER = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 64 << 20))
-# mallopt takes an int; a glibc before 2.35 refuses a threshold above 32 MiB, which still keeps most buffers
+# mallopt takes an int; some glibc versions refuse a threshold above half their largest heap (32 MiB), which
+# still keeps the buffers up to that size
 _MMAP_DURING, _TRIM_DURING = (1 << 30, 32 << 20), (1 << 31) - 1
 
 _lock = threading.Lock()
@@ -98,13 +99,14 @@ def reused_memory(device: torch.device) -> Iterator[None]:
 
 def _trim_when_idle(libc: ctypes.CDLL) -> None:
     """Hands the free memory back once no call has run for ``IDLE_S`` seconds, then ends (one such thread
-    at a time: a loop of short calls must not leave a sleeping thread per call)."""
+    at a time: a loop of short calls must not leave a sleeping thread per call). The trim (tens of ms on a
+    GB of free heap) runs outside the lock, so a call starting meanwhile is not held up."""
     global _trimmer
     while True:
         with _lock:
             wait = IDLE_S if _depth else _last_end + IDLE_S - time.monotonic()
             if wait <= 0:
-                libc.malloc_trim(0)
                 _trimmer = None
-                return
+                break
         time.sleep(wait)
+    libc.malloc_trim(0)
