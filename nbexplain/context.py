@@ -17,7 +17,7 @@ from .layers import (Layer, as_spatial, channels_first, checked, first_tensor, o
                      token_layout)
 from .folding import folded, folded_weights
 from .speed import Plan, plan, single_format
-from .samepad import depthwise_same_convs, unpadded
+from .kernels import substituted, substitutes
 from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import dead_tokens, pruned
 
@@ -92,7 +92,8 @@ class Context:
         (``speed.plan``) once they are big enough for that to pay (``Plan.min_batch``): folding costs
         about a batch-1 pass's saving (20-50 ms for resnet50 on the CPU), so it is done once per call.
         Once the logits at x are known, a ViT's last block skips the tokens its head never reads
-        (``tail``): its check is a forward. Every pass runs TF-"same" depthwise convs unpadded (``samepad``)."""
+        (``tail``): its check is a forward. Every pass runs exact equivalents of slow kernels (``kernels``: TF-"same"
+        depthwise convs unpadded, NCHW max-pooling in channels-last)."""
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
         swap = len(xs) >= 2 and self.swaps_allowed
         pairs = list(self.plan.pairs) if swap and self._paying(len(xs)) else []
@@ -100,8 +101,8 @@ class Context:
             self._folded = folded_weights(pairs)
         fmt = self.layout(len(xs))
         tail = self.tail if swap and self.logits is not None else None
-        same = self._same_convs if self.swaps_allowed else []
-        with folded(pairs, self._folded or []), pruned(self.model, tail), unpadded(same):
+        faster = self._substitutes if self.swaps_allowed else []
+        with folded(pairs, self._folded or []), pruned(self.model, tail), substituted(faster):
             return _checked(call(self.model, xs.contiguous(memory_format=fmt)), len(xs))
 
     def layout(self, samples: int) -> torch.memory_format:
@@ -117,8 +118,8 @@ class Context:
         return samples >= self.plan.min_batch
 
     @cached_property
-    def _same_convs(self) -> list[nn.Module]:
-        return depthwise_same_convs(modules_of(self.model))
+    def _substitutes(self) -> list:
+        return substitutes(modules_of(self.model))
 
     @cached_property
     def _single(self) -> torch.memory_format:

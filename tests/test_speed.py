@@ -711,7 +711,7 @@ def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):
 @pytest.mark.parametrize("side", [(96, 96), (97, 90), (33, 47)])
 def test_tf_same_depthwise_convs_run_unpadded_with_the_same_output_and_gradient(side):
     from timm.layers import Conv2dSame
-    from nbexplain.samepad import _unpadded
+    from nbexplain.kernels import _unpadded
     torch.manual_seed(0)
     for k, s in [(3, 1), (3, 2), (5, 2), ((3, 5), (2, 1))]:
         conv = Conv2dSame(12, 12, k, stride=s, groups=12, bias=True).double()
@@ -726,19 +726,45 @@ def test_tf_same_depthwise_convs_run_unpadded_with_the_same_output_and_gradient(
 
 def test_a_tf_same_padded_net_gets_the_same_maps_unpadded_and_its_convs_back(monkeypatch):
     import timm
-    from nbexplain import samepad
+    from nbexplain import kernels
     model = timm.create_model("tf_mobilenetv3_small_minimal_100", num_classes=10).eval()
-    convs = samepad.depthwise_same_convs(list(model.modules()))
+    convs = [m for m, _ in kernels.substitutes(list(model.modules())) if isinstance(m, nn.Conv2d)]
     assert convs, "the net has TF-same depthwise convs"
     x = torch.randn(1, 3, 97, 90)
-    fast = {m: nbx.attribute(model, x, m, **kw)[0].raw for m, kw in
-            [("integrated_gradients", {"steps": 8}), ("saliency", {}), ("occlusion", {"patch": 24, "stride": 24})]}
+    methods = [("integrated_gradients", {"steps": 8}), ("saliency", {}), ("occlusion", {"patch": 24, "stride": 24})]
+    fast = {m: nbx.attribute(model, x, m, **kw)[0].raw for m, kw in methods}
     swapped = []
-    real = samepad._unpadded
-    monkeypatch.setattr(samepad, "_unpadded", lambda conv: swapped.append(conv) or real(conv))
+    real = kernels._unpadded
+    monkeypatch.setattr(kernels, "_unpadded", lambda conv: swapped.append(conv) or real(conv))
     nbx.attribute(model, x, "saliency")
     assert set(swapped) == set(convs)
     assert all("forward" not in c.__dict__ for c in convs)
-    monkeypatch.setattr(context, "depthwise_same_convs", lambda modules: [])
-    for m, kw in [("integrated_gradients", {"steps": 8}), ("saliency", {}), ("occlusion", {"patch": 24, "stride": 24})]:
+    monkeypatch.setattr(context, "substitutes", lambda modules: [])
+    for m, kw in methods:
         assert_close(nbx.attribute(model, x, m, **kw)[0].raw, fast[m], rtol=1e-5)
+
+
+def test_nchw_max_pooling_runs_channels_last_with_the_same_maps_and_layout(monkeypatch):
+    from nbexplain import kernels
+    model = make_model("resnet")
+    pools = [m for m, _ in kernels.substitutes(list(model.modules())) if isinstance(m, nn.MaxPool2d)]
+    assert pools, "test_resnet has a max-pool stem"
+    seen = []
+    pools[0].register_forward_hook(lambda mod, inp, out: seen.append((inp[0].is_contiguous(), out.is_contiguous())))
+    x = make_input(1, 96)
+    methods = [("saliency", {}), ("gradcam", {"layer": "layer2"}), ("integrated_gradients", {"steps": 4})]
+    fast = {m: nbx.attribute(model, x, m, target=TARGET, **kw)[0].raw for m, kw in methods}
+    assert seen and all(out for inp, out in seen if inp), "an NCHW input must leave the pool as NCHW"
+    layouts = []
+    real = nn.MaxPool2d.forward
+    monkeypatch.setattr(nn.MaxPool2d, "forward", lambda self, t: layouts.append(
+        t.is_contiguous(memory_format=torch.channels_last)) or real(self, t))
+    nbx.attribute(model, x, "gradcam", target=TARGET, layer="layer2")   # no gradient through the pool
+    assert layouts == [True] and all("forward" not in p.__dict__ for p in pools)
+    layouts.clear()
+    nbx.attribute(model, x, "saliency", target=TARGET)                  # its backward: the plain kernel
+    assert layouts == [False]
+    monkeypatch.undo()
+    monkeypatch.setattr(context, "substitutes", lambda modules: [])
+    for m, kw in methods:
+        assert torch.equal(nbx.attribute(model, x, m, target=TARGET, **kw)[0].raw, fast[m]), m
