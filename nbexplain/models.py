@@ -330,10 +330,10 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
     that key is returned at once, without the state dict (2 ms on EfficientNet-Lite0, twice per widget
     change)."""
     global _HASHER
-    hit = _DIGESTS.get(model) if key is not None else None     # written by the worker only; a read is atomic
-    if hit is not None and hit[0] == key:
+    known = _known_digest(model, key) if key is not None else None
+    if known is not None:
         done: Future = Future()
-        done.set_result(hit[1])
+        done.set_result(known)
         return done
     if _HASHER is None:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
@@ -344,15 +344,20 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
 
 def _digest(model: nn.Module, key: tuple | None, tensors: list | None, versions: tuple | None,
             state: dict[str, torch.Tensor]) -> str:
-    """The worker's part of ``start_digest``: the key's norms, then the cached digest or a new one (only this
-    thread reads and writes ``_DIGESTS``)."""
+    """The worker's part of ``start_digest``: the key's norms, then the cached digest or a new one."""
     key = (*versions, value_fingerprint(tensors)) if key is None else key
-    hit = _DIGESTS.get(model)
-    if hit and hit[0] == key:
-        return hit[1]
-    digest = _sha256(state)
-    _DIGESTS[model] = (key, digest)
+    digest = _known_digest(model, key)
+    if digest is None:
+        digest = _sha256(state)
+        _DIGESTS[model] = (key, digest)
     return digest
+
+
+def _known_digest(model: nn.Module, key: tuple) -> str | None:
+    """The digest made under ``key``, if it is the last one made for ``model``. Only the worker writes
+    ``_DIGESTS``; other threads only read it (one dict lookup, atomic)."""
+    hit = _DIGESTS.get(model)
+    return hit[1] if hit is not None and hit[0] == key else None
 
 
 _HASHER: ThreadPoolExecutor | None = None
