@@ -13,6 +13,7 @@ from torch import nn
 from .calls import call
 from .hygiene import forward_hooks, hooked, modules_of, unfused_attention
 from .images import Preprocess
+from .incremental import Occluded, local_prefix, stop_for
 from .layers import (Layer, as_spatial, channels_first, checked, first_tensor, output_module, resolve, submodule,
                      token_layout)
 from .folding import folded, folded_weights
@@ -86,7 +87,14 @@ class Context:
 
     # --- basic passes ------------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor) -> torch.Tensor:
-        """Every model pass goes through here, so callers can see how many samples were evaluated.
+        """Every model pass goes through here, so callers can see how many samples were evaluated."""
+        self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
+        with self.passing(len(xs)) as fmt:
+            return _checked(call(self.model, xs.contiguous(memory_format=fmt)), len(xs))
+
+    @contextmanager
+    def passing(self, samples: int) -> Iterator[torch.memory_format]:
+        """What a pass of ``samples`` runs under; yields its input memory format.
 
         Passes of two or more samples run with BatchNorm folded and in the batched layout
         (``speed.plan``) once they are big enough for that to pay (``Plan.min_batch``): folding costs
@@ -94,16 +102,15 @@ class Context:
         Once the logits at x are known, a ViT's last block skips the tokens its head never reads
         (``tail``): its check is a forward. Every pass runs exact equivalents of slow kernels (``kernels``: TF-"same"
         depthwise convs unpadded, NCHW max-pooling in channels-last)."""
-        self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
-        swap = len(xs) >= 2 and self.swaps_allowed
-        pairs = list(self.plan.pairs) if swap and self._paying(len(xs)) else []
+        swap = samples >= 2 and self.swaps_allowed
+        pairs = list(self.plan.pairs) if swap and self._paying(samples) else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
-        fmt = self.layout(len(xs))
+        fmt = self.layout(samples)
         tail = self.tail if swap and self.logits is not None else None
         faster = self._substitutes if self.swaps_allowed else []
         with folded(pairs, self._folded or []), pruned(self.model, tail), substituted(faster):
-            return _checked(call(self.model, xs.contiguous(memory_format=fmt)), len(xs))
+            yield fmt
 
     def layout(self, samples: int) -> torch.memory_format:
         """The input memory format of a pass of ``samples`` (a one-sample pass probes only when it pays:
@@ -133,6 +140,32 @@ class Context:
                 logits = self.forward(xs[i:i + self.batch_size])
                 out.append(logits.gather(1, targets[i:i + self.batch_size, None])[:, 0])
         return torch.cat(out)
+
+    def occluded_scores(self, xs: torch.Tensor, boxes: list, images: list[int], targets: torch.Tensor,
+                        patch: tuple[int, int]) -> torch.Tensor:
+        """``scores`` of copies of x changed only inside a box each (sample b: image ``images[b]``, changed in
+        ``boxes[b]``): the model's local first modules run on crops around the boxes (``incremental``)."""
+        occluded = self._occluded(patch)
+        if occluded is None:
+            return self.scores(xs, targets)
+        self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
+        with torch.no_grad(), self.passing(self.batch_size):
+            logits = _checked(occluded.logits(xs, boxes, images), len(xs))
+        return logits.gather(1, targets[:, None])[:, 0]
+
+    def _occluded(self, patch: tuple[int, int]) -> Occluded | None:
+        memo = self.__dict__.setdefault("_occluders", {})
+        if patch not in memo:
+            memo[patch] = None
+            if self.swaps_allowed and self.batch_size >= 2:
+                with torch.no_grad():
+                    prefix = local_prefix(self.model, self.x, lambda: self.passing(self.batch_size),
+                                          (self._paying(self.batch_size), self.layout(self.batch_size)))
+                    stop = stop_for(prefix, tuple(self.x.shape), patch) if prefix is not None else 0
+                    if stop:
+                        with self.passing(self.batch_size) as fmt:
+                            memo[patch] = Occluded(self.model, prefix, self.x, fmt, stop)
+        return memo[patch]
 
     def scores_with_x(self, xs: torch.Tensor) -> torch.Tensor:
         """Target logits of ``xs`` (one sample per image, IG's baseline) from a pass that also runs x when its

@@ -20,7 +20,8 @@ def windows(size: int, patch: int, stride: int) -> list[int]:
 
 @register("occlusion", kind="pixel", signed=True, reduce="mean",
           summary="Score drop when a square patch is replaced by the fill, averaged over the windows "
-                  "covering each pixel (batched, no gradients).",
+                  "covering each pixel (batched, no gradients; a CNN's first layers run on crops around "
+                  "each patch).",
           reference="Zeiler & Fergus 2014",
           params=(Param("patch", "int", 16, "patch side in input pixels", 1, 512, 1),
                   Param("stride", "int", 8, "step between windows in pixels (≤ patch)", 1, 512, 1),
@@ -48,7 +49,9 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
         xs = x.repeat(len(chunk), 1, 1, 1)
         for j, (y, xx) in enumerate(chunk):
             xs[j * n:(j + 1) * n, :, y:y + ph, xx:xx + pw] = filled[:, :, y:y + ph, xx:xx + pw]
-        drop = (base.repeat(len(chunk)) - ctx.scores(xs, t.repeat(len(chunk)))).view(len(chunk), n)
+        boxes = [(y, min(y + ph, h), xx, min(xx + pw, w)) for y, xx in chunk for _ in range(n)]
+        scores = ctx.occluded_scores(xs, boxes, list(range(n)) * len(chunk), t.repeat(len(chunk)), (ph, pw))
+        drop = (base.repeat(len(chunk)) - scores).view(len(chunk), n)
         for j, (y, xx) in enumerate(chunk):
             total[:, :, y:y + ph, xx:xx + pw] += drop[j].view(n, 1, 1, 1)
             count[:, :, y:y + ph, xx:xx + pw] += 1
