@@ -161,7 +161,7 @@ class Context:
                 with torch.no_grad():
                     prefix = local_prefix(self.model, self.x, lambda: self.passing(self.batch_size),
                                           (self._paying(self.batch_size), self.layout(self.batch_size)))
-                    stop = stop_for(prefix, tuple(self.x.shape), patch) if prefix is not None else 0
+                    stop = stop_for(prefix, tuple(self.x.shape), patch, self.x.element_size()) if prefix else 0
                     if stop:
                         with self.passing(self.batch_size) as fmt:
                             memo[patch] = Occluded(self.model, prefix, self.x, fmt, stop)

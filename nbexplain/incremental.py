@@ -12,6 +12,7 @@ anything could see the difference: a hook anywhere in the model, or a module tha
 outside the chain."""
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from contextlib import contextmanager
@@ -27,8 +28,9 @@ from .speed import once_per_shape, same_logits
 
 _PREFIXES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # a unit runs on crops while its crop is at most this share of its output grid; past it, in full
-CROP_SHARE = 0.5
+CROP_SHARE = 0.7
 MIN_SAVING = 0.15     # of a forward's time: below it, the crops' bookkeeping is not worth it
+MAX_BASES = 1 << 30   # bytes of the unoccluded images' activations kept for a call: past it, whole images
 
 Box = tuple[int, int, int, int]        # rows [y0, y1), columns [x0, x1)
 
@@ -198,10 +200,11 @@ def _trial_boxes(x: torch.Tensor) -> list[Box]:
 
 
 # --- a pass ------------------------------------------------------------------------------------------------
-def stop_for(prefix: Prefix, x_shape: tuple[int, ...], patch: tuple[int, int]) -> int:
+def stop_for(prefix: Prefix, x_shape: tuple[int, ...], patch: tuple[int, int], itemsize: int = 4) -> int:
     """How many units run on crops for a patch of this size: while a central patch's changed box stays
     within ``CROP_SHARE`` of its unit's output grid. 0 where that saves under ``MIN_SAVING`` of a forward
-    (a network whose first squeeze-excitation block comes early)."""
+    (a network whose first squeeze-excitation block comes early) or where the images' activations up to
+    there would take more than ``MAX_BASES``."""
     h, w = x_shape[2:]
     box = (h // 2, min(h, h // 2 + patch[0]), w // 2, min(w, w // 2 + patch[1]))
     saved, stop = 0.0, len(prefix.units)
@@ -212,7 +215,8 @@ def stop_for(prefix: Prefix, x_shape: tuple[int, ...], patch: tuple[int, int]) -
             stop = k
             break
         saved += share * (1 - cropped)
-    return stop if saved >= MIN_SAVING else 0
+    kept = x_shape[0] * itemsize * sum(math.prod(shape[1:]) for shape in prefix.shapes[:stop])
+    return stop if saved >= MIN_SAVING and kept <= MAX_BASES else 0
 
 
 class Occluded:

@@ -161,3 +161,26 @@ def test_a_hooked_model_runs_whole_images_only_and_its_hook_sees_each_once(monke
     assert len(hooked_outputs) >= len(seen) >= 2
     for g, w in zip(hooked_outputs[-len(seen):], seen):
         assert_close(g, w, rtol=1e-3, atol_frac=1e-4)
+
+
+def test_images_whose_activations_would_take_too_much_memory_run_whole(monkeypatch, always):
+    model = make_model("resnet")
+    x = make_input(3, 64)
+    kept = []
+    init = incremental.Occluded.__init__
+
+    def measured(self, *args):
+        init(self, *args)
+        kept.append(sum(b.numel() * b.element_size() for b in self.bases[1:]))
+    monkeypatch.setattr(incremental.Occluded, "__init__", measured)
+    occlusion(model, x[:2], patch=16, stride=16)
+    assert always and kept, "two images take the path"
+    monkeypatch.setattr(incremental, "MAX_BASES", kept[-1])    # room for exactly those two images (the last made)
+    always.clear()
+    got = occlusion(model, x, patch=16, stride=16)
+    assert not always, "three images' activations would not fit"
+    want = whole_image(monkeypatch, lambda: occlusion(model, x, patch=16, stride=16))
+    for g, w in zip(got, want):
+        assert_close(g.raw, w.raw, rtol=1e-3, atol_frac=1e-4)
+    occlusion(model, x[:2], patch=16, stride=16)
+    assert always, "two still fit"
