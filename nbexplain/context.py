@@ -148,10 +148,16 @@ class Context:
         occluded = self._occluded(patch)
         if occluded is None:
             return self.scores(xs, targets)
+        try:
+            with torch.no_grad(), self.passing(self.batch_size):
+                logits = occluded.logits(xs, boxes, images)
+        except RuntimeError:          # a window the probe's did not foresee: whole images from here on
+            logits = None
+        if logits is None or logits.shape[0] != len(xs) or torch.isnan(logits).any():
+            self._occluders[patch] = None         # (NaN: something read a stood-in activation after all)
+            return self.scores(xs, targets)
         self.meta["evaluations"] = self.meta.get("evaluations", 0) + len(xs)
-        with torch.no_grad(), self.passing(self.batch_size):
-            logits = _checked(occluded.logits(xs, boxes, images), len(xs))
-        return logits.gather(1, targets[:, None])[:, 0]
+        return _checked(logits, len(xs)).gather(1, targets[:, None])[:, 0]
 
     def _occluded(self, patch: tuple[int, int]) -> Occluded | None:
         memo = self.__dict__.setdefault("_occluders", {})

@@ -63,7 +63,7 @@ def local_prefix(model: nn.Module, x: torch.Tensor, passing: Callable[[], Contex
 def _probe(model: nn.Module, x: torch.Tensor, passing) -> Prefix | None:
     try:
         with torch.no_grad(), passing() as fmt:
-            x = x.contiguous(memory_format=fmt)
+            x = x.clone(memory_format=fmt)             # a model may write its input
             modules = chain(model, x)
             units, shapes, times, a = [], [], [], x
             for m in modules:
@@ -230,9 +230,7 @@ class Occluded:
         self.bases = [x.contiguous(memory_format=fmt)]
         with torch.no_grad():
             for unit in self.units:
-                a = self.bases[-1]
-                self.bases[-1] = a.clone()          # an in-place unit (ReLU) would write over it
-                self.bases.append(unit.module(a))
+                self.bases.append(unit.module(self.bases[-1].clone()))   # an in-place unit (ReLU) writes its input
 
     def logits(self, xs: torch.Tensor, boxes: list[Box], images: list[int]) -> torch.Tensor:
         """Sample b of ``xs`` is image ``images[b]`` of x, changed only inside ``boxes[b]``."""
