@@ -71,17 +71,13 @@ def _probe(model: nn.Module, x: torch.Tensor, passing) -> Prefix | None:
                 unit = _unit(m, a, out)
                 if unit is None:
                     break
-                start = time.perf_counter()
-                m(a.clone())
-                times.append(time.perf_counter() - start)
+                times.append(_seconds(lambda: m(a.clone()), x.device))
                 units.append(unit)
                 shapes.append(tuple(out.shape))
                 a = out
             if not units:
                 return None
-            start = time.perf_counter()
-            call(model, x)
-            whole = time.perf_counter() - start
+            whole = _seconds(lambda: call(model, x), x.device)
             prefix = Prefix(tuple(units), tuple(shapes), tuple(t / whole for t in times))
             xs = _trial_batch(x)
             boxes = _trial_boxes(x)
@@ -90,6 +86,16 @@ def _probe(model: nn.Module, x: torch.Tensor, passing) -> Prefix | None:
     except Exception:   # noqa: BLE001 - any failure means "no incremental path"; the plain pass reports errors
         return None
     return prefix if same_logits(got, ref) else None
+
+
+def _seconds(run: Callable[[], object], device: torch.device) -> float:
+    """Wall time of ``run()``, with a GPU's queued kernels finished on both sides."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    return time.perf_counter() - start
 
 
 def chain(model: nn.Module, x: torch.Tensor) -> list[nn.Module]:
@@ -297,7 +303,7 @@ def standing_in(units: tuple[Unit, ...], shapes: tuple[tuple[int, ...], ...], fu
                 ) -> Iterator[None]:
     """For one forward: the last unit returns ``full``; the ones before it return NaN (read by nothing, if the
     chain is one: the probe's check fails otherwise) without computing."""
-    saved = [(u.module, u.module.__dict__.get("forward")) for u in units]
+    saved = [(u.module, u.module.__dict__.get("forward")) for u in units]     # all taken before any is set
     nan = torch.full((), float("nan"), dtype=full.dtype, device=full.device)
     try:
         for u, shape in zip(units[:-1], shapes):

@@ -122,6 +122,20 @@ class ReadsAnEarlierActivationSometimes(ReadsAnEarlierActivation):
         return out + a.mean((1, 2, 3))[:, None] if bool((x[:, :, 0, 0] == 0).any()) else out
 
 
+class SharesItsActivation(nn.Module):
+    """One ReLU instance called twice in the chain."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        relu = nn.ReLU()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), relu, nn.Conv2d(8, 8, 3, padding=1), relu)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
 class Wrapper(nn.Module):
     """A network inside a wrapper: the chain goes on inside it."""
 
@@ -134,13 +148,14 @@ class Wrapper(nn.Module):
 
 
 @pytest.mark.parametrize("build", [ReadsAnEarlierActivation, ReadsAnEarlierActivationSometimes, AddsInPlace,
-                                   PositionalBias, lambda: Wrapper(make_model("resnet"))])
+                                   PositionalBias, SharesItsActivation, lambda: Wrapper(make_model("resnet"))])
 def test_models_the_chain_does_not_describe_get_the_whole_image_maps(monkeypatch, always, build):
     model = build().eval()
     x = make_input(1, 64)
     (got,) = occlusion(model, x, patch=16, stride=8)
     (want,) = whole_image(monkeypatch, lambda: occlusion(model, x, patch=16, stride=8))
     assert_close(got.raw, want.raw, rtol=1e-3, atol_frac=1e-4)
+    assert not any("forward" in m.__dict__ for m in model.modules()) and hook_count(model) == 0
     if build is ReadsAnEarlierActivation:
         assert not always, "a model reading a stood-in activation must not take the path"
 
