@@ -256,13 +256,18 @@ def _read_weights(path) -> dict:
 
 
 def _online(timeout: float = 1.5) -> bool:
-    """Can the model hub be reached at all? Answers fast offline instead of hanging in retries."""
+    """Can the model hub be reached at all? Answers fast offline instead of hanging in retries. The address
+    is the hub library's own (``HF_ENDPOINT`` when the user set one: a mirror)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        from urllib.parse import urlsplit
+        from huggingface_hub import constants
+        url = urlsplit(constants.ENDPOINT)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
         return True
-    except OSError:
+    except (ImportError, OSError, TypeError, ValueError):
         return False
 
 

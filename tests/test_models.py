@@ -156,3 +156,17 @@ def test_inferred_token_grid_follows_a_swapped_patch_embedding():
     model[0] = torch.nn.Conv2d(3, 8, 8, stride=8)
     found = token_layout(model, 1 + 8 * 8, (64, 64))
     assert found is not None and (found.prefix, found.grid) == (1, (8, 8))
+
+
+def test_the_hub_check_asks_the_hub_librarys_own_address(monkeypatch):
+    import socket
+    from huggingface_hub import constants
+    from nbexplain.models import _online
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with socket.socket() as server:                    # a local stand-in for a mirror (HF_ENDPOINT)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert _online()
+    assert not _online()                               # closed now
