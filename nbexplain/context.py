@@ -151,7 +151,7 @@ class Context:
         try:
             with torch.no_grad(), self.passing(self.batch_size):
                 logits = occluded.logits(xs, boxes, images)
-        except RuntimeError:          # a window the probe's did not foresee: whole images from here on
+        except RuntimeError:          # a window the probe did not foresee: whole images from here on
             logits = None
         if logits is None or logits.shape[0] != len(xs) or torch.isnan(logits).any():
             self._occluders[patch] = None         # (NaN: something read a stood-in activation after all)
