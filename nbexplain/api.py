@@ -148,28 +148,32 @@ def resolve_targets(target: Any, logits: torch.Tensor, labels: Sequence[str] | N
     if isinstance(target, (list, tuple, np.ndarray)):
         if len(target) != n:
             raise ValueError(f"target: got {len(target)} targets for {n} images; pass one per image or one for all")
-        return torch.tensor([_one_target(t, classes, labels) for t in target])
-    return torch.full((n,), _one_target(target, classes, labels), dtype=torch.long)
+        return torch.tensor([class_index(t, classes, labels) for t in target])
+    return torch.full((n,), class_index(target, classes, labels), dtype=torch.long)
 
 
-def _one_target(t: Any, classes: int, labels: Sequence[str] | None) -> int:
+def class_index(t: Any, classes: int, labels: Sequence[str] | None, name: str = "target") -> int:
+    """A class given by index or name, checked against the model's ``classes`` (``name``: what the error
+    calls it)."""
     if isinstance(t, str):
         if not labels:
-            raise ValueError(f"target={t!r}: this model has no class names; pass labels=[...] or a class index")
+            raise ValueError(f"{name}={t!r}: this model has no class names; pass labels=[...] or a class index")
         wanted = t.strip().lower()
         found = [i for i, label in enumerate(labels) if wanted == label.strip().lower()] or \
             [i for i, label in enumerate(labels) if wanted in (s.strip().lower() for s in label.split(","))]
         if len(found) == 1:
             return found[0]
         if found:     # ImageNet has 19 such names: 'crane' is a bird (134) and a machine (517)
-            raise ValueError(f"target={t!r} names {len(found)} classes: "
+            raise ValueError(f"{name}={t!r} names {len(found)} classes: "
                              f"{', '.join(f'{i} ({labels[i]!r})' for i in found)}; pass the class index")
         synonyms = [s.strip() for label in labels for s in label.split(",")]
-        raise ValueError(f"target={t!r}: no class of that name.{closest(t, synonyms)}")
+        raise ValueError(f"{name}={t!r}: no class of that name.{closest(t, synonyms)}")
+    if isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim == 0:
+        t = t.item()                     # a label as a data loader gives it
     if isinstance(t, (bool, float)) or not isinstance(t, (int, np.integer)):
-        raise TypeError(f"target: expected a class index or name, got {t!r}")
+        raise TypeError(f"{name}: expected a class index or name, got {t!r}")
     if not 0 <= int(t) < classes:
-        raise ValueError(f"target={int(t)} is out of range: the model has {classes} classes (0..{classes - 1})")
+        raise ValueError(f"{name}={int(t)} is out of range: the model has {classes} classes (0..{classes - 1})")
     return int(t)
 
 

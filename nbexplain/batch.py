@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._errors import positive_int
-from .api import attribute
+from .api import attribute, class_index
 from .attribution import Attribution
 from .calls import call, eager, inputs_for, probabilities
 from .hygiene import borrowed, model_device
@@ -265,7 +265,7 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
                   batch_size: int = 16, progress: bool | Callable[[int, int], None] = True,
                   faithfulness: bool = False, faithfulness_steps: int = 20, fill: str = "blur",
                   flag_rule: str = "auto", outside_threshold: float = OUTSIDE_FLAG,
-                  names: Sequence[str] | None = None, true_labels: Sequence[int] | None = None,
+                  names: Sequence[str] | None = None, true_labels: Sequence[int | str] | None = None,
                   max_side: int | None = 1024, **params: Any) -> BatchResult:
     """Explain every image of ``images`` with ``method`` and score each map.
 
@@ -342,7 +342,8 @@ def explain_batch(model: torch.nn.Module, images: Any, method: str = "integrated
         if true_labels is not None:
             if len(true_labels) != given:
                 raise ValueError(f"true_labels: got {len(true_labels)} for {given} images")
-            truths = [int(true_labels[p]) for p in positions]
+            truths = [true_labels[p] for p in positions]
+        truths = _checked_truths(model, exps, truths, positions, params)
         if names is not None:
             if len(names) != given:
                 raise ValueError(f"names: got {len(names)} for {given} images")
@@ -647,6 +648,21 @@ def _check_mask(mask: np.ndarray, exp: Attribution, i: int) -> np.ndarray:
 
 
 # --- metrics --------------------------------------------------------------------------------------------
+def _checked_truths(model: torch.nn.Module, exps: list[Attribution], truths: list, positions: list[int],
+                    params: dict) -> list[int | None]:
+    """The true labels (indices or class names, from ``true_labels`` or the data loader) as checked indices."""
+    if all(t is None for t in truths):
+        return truths
+    labels = describe(model, params.get("preprocess"), params.get("labels")).labels
+    if labels:
+        classes = len(labels)
+    else:                                 # the model's own output says how many classes it has
+        with borrowed(model), torch.no_grad():
+            classes = call(model, inputs_for(model, exps[0].input)).shape[1]
+    return [None if t is None else class_index(t, classes, labels, f"true_labels[{p}]")
+            for t, p in zip(truths, positions)]
+
+
 def _target_probabilities(model: torch.nn.Module, exps: list[Attribution]) -> list[float]:
     """Probability of each explained class: from the stored top-k, else one forward pass."""
     out: list[float | None] = []

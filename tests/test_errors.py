@@ -690,3 +690,17 @@ def test_a_preprocessing_with_the_wrong_channel_count_says_how_many_the_model_ta
         nbx.attribute(plain, np.full((64, 64, 3), 100, np.uint8), "saliency", preprocess=gray)
     note = " ".join(getattr(err.value, "__notes__", []))
     assert "first layer takes 3 channels and the input has 1" in note and "size" not in note.split(".")[0]
+
+
+def test_explain_batch_checks_true_labels_and_takes_class_names(cnn):
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    pre = nbx.Preprocess(size=(64, 64))
+    with pytest.raises(ValueError, match=r"true_labels\[1\]=99999 is out of range: the model has \d+ classes"):
+        nbx.explain_batch(cnn, images, "saliency", true_labels=[1, 99999], preprocess=pre)
+    with pytest.raises(ValueError, match=r"true_labels\[1\]='no such thing': no class of that name"):
+        nbx.explain_batch(cnn, images, "saliency", true_labels=["tabby", "no such thing"], preprocess=pre)
+    with torch.no_grad():
+        labels = [f"kind {i}" for i in range(cnn(images[0][None]).shape[1])]
+    result = nbx.explain_batch(cnn, images, "saliency", true_labels=["kind 7", torch.tensor(3)], preprocess=pre,
+                               labels=labels)
+    assert [item.true_label for item in result.items] == [7, 3]
