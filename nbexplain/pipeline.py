@@ -21,7 +21,43 @@ class Stage:
     params: Callable[[dict], tuple]
     run: Callable[[dict, dict], Any]          # run(state, {input name: value}) -> value
     doc: str = ""
-    grows: tuple[str, ...] = ()               # inputs it adds reusable partial results to (a workspace)
+    grows: tuple[str, ...] = ()               # inputs it adds reusable partial results to (a ``Workspace``)
+
+
+class Workspace(dict):
+    """A stage's reusable partial results, which later stages add to (``Stage.grows``). It counts its writes,
+    so that a stage which added nothing (a CAM at another layer of the captured workspace) costs no
+    recount of it against the cache's budget. Its values are replaced, never grown in place."""
+
+    writes = 0
+
+    def __setitem__(self, key, value) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key) -> None:
+        self.writes += 1
+        super().__delitem__(key)
+
+    def setdefault(self, key, default=None):
+        self.writes += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs) -> None:
+        self.writes += 1
+        super().update(*args, **kwargs)
+
+    def pop(self, *args):
+        self.writes += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.writes += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.writes += 1
+        super().clear()
 
 
 @dataclass
@@ -178,11 +214,13 @@ class Graph:
             return hit
         stage = self.stages[name]
         upstream = {i: self._pull(i, state, records, keys) for i in stage.inputs}
+        writes = {i: getattr(upstream[i], "writes", None) for i in stage.grows}
         t0 = time.perf_counter()
         value = stage.run(state, upstream)
         records[name] = Record(name, True, (time.perf_counter() - t0) * 1000)
         for i in stage.grows:                  # they grew in place: recount them against the budget
-            self.cache.remeasure(keys[i])
+            if writes[i] is None or getattr(upstream[i], "writes", None) != writes[i]:
+                self.cache.remeasure(keys[i])
         self.cache.put(key, value)
         return value
 

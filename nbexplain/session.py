@@ -18,7 +18,7 @@ from .hygiene import borrowed
 from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
 from .models import ModelInfo, start_digest
-from .pipeline import ByteLRU, Graph, Record, Stage, digest
+from .pipeline import ByteLRU, Graph, Record, Stage, Workspace, digest
 from .replica import Replica
 
 DISPLAY_MAX_SIDE = 512
@@ -121,7 +121,7 @@ class Session:
         return int(logits.argmax(1)[0]) if t is None or t < 0 else int(t)
 
     def _workspace(self, state: dict, up: dict) -> dict:
-        memo: dict = {}
+        memo = Workspace()
         fam = family(state["method"])
         if fam == "pixel":
             return memo                       # filled lazily by the methods (IG points, noise sums)

@@ -472,6 +472,31 @@ def test_a_stage_that_grows_its_input_has_it_recounted():
         Graph([Stage("a", (), lambda s: (), lambda s, up: 0, grows=("b",))], cache)
 
 
+def test_a_workspace_is_recounted_only_when_a_stage_wrote_to_it(monkeypatch):
+    from nbexplain import pipeline
+    from nbexplain.pipeline import ByteLRU, Graph, Stage, Workspace
+    measured = []
+    nbytes = pipeline.nbytes
+    monkeypatch.setattr(pipeline, "nbytes", lambda v: measured.append(v) or nbytes(v))
+    cache = ByteLRU(10**6)
+
+    def use(s, up):
+        if s["add"]:
+            up["workspace"][s["n"]] = torch.zeros(s["n"])
+        return s["n"]
+    graph = Graph([Stage("workspace", (), lambda s: (), lambda s, up: Workspace()),
+                   Stage("use", ("workspace",), lambda s: (s["n"], s["add"]), use, grows=("workspace",))], cache)
+    graph.evaluate("use", {"n": 1000, "add": True})
+    before = cache.bytes
+    graph.evaluate("use", {"n": 2000, "add": True})
+    assert cache.bytes - before >= 2000 * 4                         # recounted: it grew
+    measured.clear()
+    before = cache.bytes
+    graph.evaluate("use", {"n": 3000, "add": False})
+    assert not any(isinstance(v, Workspace) for v in measured)     # read only: not walked again
+    assert cache.bytes - before == nbytes(3000)                     # just the new entry
+
+
 def test_resnet_sized_cam_workspace_stays_cached(images):
     import timm
     model = timm.create_model("resnet18", pretrained=False, num_classes=4).eval()
