@@ -836,7 +836,7 @@ def bench_widget(b: Bench) -> dict:
     for name in others[::-1][:R]:
         change("layer (first visit)", layer=name)
     toggle("layer (toggle, cached)", "layer", first_layer, other, R)
-    for i in range(H):                       # a cold Grad-CAM through the widget: nothing cached
+    for i in range(R):                       # a cold Grad-CAM through the widget: nothing cached (cheap: R, not H)
         w.cache.clear()
         change("cold Grad-CAM (cache cleared)", layer=other if w.layer == first_layer else first_layer)
     # target: a new class each time (the workspace is captured again) and toggling (cached)

@@ -9,7 +9,7 @@ import socket
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -290,27 +290,47 @@ def value_fingerprint(tensors: list[torch.Tensor]) -> int:
     one ``_foreach_norm`` per device and dtype (a fused kernel on a GPU, a loop in C++ on the CPU): 8 ms for
     resnet50's 100 MB on one CPU thread, 3 ms for EfficientNet-Lite0's 250 tensors. An edit that keeps a
     tensor's norm (a permutation, a sign flip) still goes unseen."""
-    h = hashlib.blake2b(digest_size=8)
+    return fingerprint_of(fingerprint_groups(tensors))
+
+
+class Groups(NamedTuple):
+    """``value_fingerprint``'s tensors sorted by how their values are read (which does not change while
+    the tensors stay the same objects: the widget sorts them once, then reads them at every change)."""
+    floats: list[list[torch.Tensor]]     # one list per device and dtype: their norms
+    counts: list[torch.Tensor]           # one-element CPU tensors (BatchNorm's batch counters)
+    scalars: list[list[torch.Tensor]]    # one-element tensors on another device: one copy back each device
+    tables: list[torch.Tensor]           # other non-float tensors (index tables): their bytes
+
+
+def fingerprint_groups(tensors: list[torch.Tensor]) -> Groups:
     floats: dict[tuple, list[torch.Tensor]] = {}
-    counts: list = []
+    counts: list[torch.Tensor] = []
     elsewhere: dict[torch.device, list[torch.Tensor]] = {}
-    with torch.no_grad():                         # one guard, not a detach per tensor (300 on a small net)
-        for t in tensors:
-            if t.is_floating_point():
+    tables: list[torch.Tensor] = []
+    for t in tensors:
+        if t.is_floating_point():
+            if not t.is_meta:
                 floats.setdefault((t.device, t.dtype), []).append(t)
-            elif t.numel() == 1 and t.device.type == "cpu":    # BatchNorm's batch counters: most of the rest
-                counts.append(t.item())
-            elif t.numel() == 1 and not t.is_meta:             # a GPU's: one copy back for all, not a sync each
-                elsewhere.setdefault(t.device, []).append(t.reshape(()).double())
-            elif t.numel() and t.layout == torch.strided and not t.is_meta:      # index tables: small
-                h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        h.update(repr(counts).encode())
-        for device in sorted(elsewhere, key=str):
-            h.update(torch.stack(elsewhere[device]).cpu().numpy().tobytes())
-        for key in sorted(floats, key=str):
-            if key[0].type == "meta":
-                continue
-            group = floats[key]
+        elif t.numel() == 1 and t.device.type == "cpu":    # BatchNorm's batch counters: most of the rest
+            counts.append(t)
+        elif t.numel() == 1 and not t.is_meta:             # a GPU's: one copy back for all, not a sync each
+            elsewhere.setdefault(t.device, []).append(t)
+        elif t.numel() and t.layout == torch.strided and not t.is_meta:      # index tables: small
+            tables.append(t)
+    return Groups([floats[k] for k in sorted(floats, key=str)], counts,
+                  [elsewhere[d] for d in sorted(elsewhere, key=str)], tables)
+
+
+def fingerprint_of(groups: Groups) -> int:
+    """``value_fingerprint`` of sorted tensors: reads their values now."""
+    h = hashlib.blake2b(digest_size=8)
+    with torch.no_grad():                         # one guard, not a detach per tensor (300 on a small net)
+        for t in groups.tables:
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(repr([t.item() for t in groups.counts]).encode())
+        for group in groups.scalars:
+            h.update(torch.stack([t.reshape(()).double() for t in group]).cpu().numpy().tobytes())
+        for group in groups.floats:
             try:
                 norms = torch.stack(torch._foreach_norm(group)).float()
             except (RuntimeError, NotImplementedError):    # a dtype or layout the fused kernel lacks
@@ -358,9 +378,20 @@ def _digest(model: nn.Module, key: tuple | None, tensors: list | None, versions:
     return digest
 
 
+def forget_digest(model: nn.Module, key: tuple) -> None:
+    """Drop the digest made under ``key``, once the worker has finished what it was given: the values were
+    found changed under an unchanged key (an edit through ``.data``), so a digest made meanwhile may be of
+    the new values."""
+    if _HASHER is not None:
+        _HASHER.submit(lambda: None).result()
+    hit = _DIGESTS.get(model)
+    if hit is not None and hit[0] == key:
+        del _DIGESTS[model]
+
+
 def _known_digest(model: nn.Module, key: tuple) -> str | None:
     """The digest made under ``key``, if it is the last one made for ``model``. Only the worker writes
-    ``_DIGESTS``; other threads only read it (one dict lookup, atomic)."""
+    ``_DIGESTS`` (and ``forget_digest``, once the worker is idle); other threads only read it."""
     hit = _DIGESTS.get(model)
     return hit[1] if hit is not None and hit[0] == key else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 
+import torch
 from torch import nn
 
 from .hygiene import model_lock
@@ -36,23 +37,24 @@ class Replica:
     def copy(self) -> nn.Module:
         return self._copy if self._copy is not None else self.get()
 
-    def refresh(self) -> tuple[int, ...]:
+    def refresh(self, values: bool = True) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """The copy brought up to date; returns ``tensor_key`` of the model's tensors (without the value
+        fingerprint when not ``values``: the caller checks those itself) and the tensors."""
         # under the model's own lock: a pass on the model itself (another thread's nbx.attribute) has
         # its hooks, folded weights and frozen flags on it, which a copy must not take
         with self._lock, model_lock(self.model):
-            layout, versions = _walk(self.model)
+            layout, tensors = _walk(self.model)
             if layout != self._layout:
                 self._copy, self._layout = _copy(self.model), layout
                 if self._copy is not self.model:
                     register(self._copy, describe(self.model))   # the labels and preprocessing it was given
-            return versions
+            return tensor_key(tensors, values), tensors
 
 
-def _walk(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
+def _walk(model: nn.Module) -> tuple[tuple, list[torch.Tensor]]:
     """What the copy must match (every module object, its hooks and forward overrides, where each tensor's
-    storage is: training in place keeps it, ``.to()``, ``p.data = ...`` or a new layer does not), and each
-    tensor's (address, in-place version) and a fingerprint of their values (``models.tensor_key``: an edit
-    through ``.data`` bumps no version), in one walk (1 ms for EfficientNet-Lite0, and the norms' 2 ms)."""
+    storage is: training in place keeps it, ``.to()``, ``p.data = ...`` or a new layer does not), and the
+    tensors, in one walk (1 ms for EfficientNet-Lite0)."""
     mods = list(model.modules())
     tensors = [t for m in mods for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
     where = [t.data_ptr() for t in tensors]
@@ -60,7 +62,7 @@ def _walk(model: nn.Module) -> tuple[tuple, tuple[int, ...]]:
                                        m._backward_pre_hooks) if d for k in d]
     layout = (tuple(map(id, mods)), tuple(where), tuple(t.shape for t in tensors),
               tuple(m.__dict__.get("forward") for m in mods), tuple(hooks))
-    return layout, tensor_key(tensors)
+    return layout, tensors
 
 
 def _copy(model: nn.Module) -> nn.Module:

@@ -402,6 +402,13 @@ def test_weights_changed_in_place_recompute_a_cached_setting(images):
     assert change(w, layer="") >= {"preprocess", "forward", "workspace", "attribution", "display"}
     fresh = nbx.attribute(model, images[0], w.method, layer=w.layer_used)
     np.testing.assert_allclose(w.result.map, fresh.map, atol=1e-5)
+    assert w.result.meta["weights_sha256"] == fresh.meta["weights_sha256"]
+    # a layer not shown since the edit: its first evaluation runs under the old fingerprint, then again
+    head.weight.detach().numpy()[w.result.target, :8] = 0
+    assert change(w, layer="layer2") >= {"preprocess", "forward", "workspace", "attribution", "display"}
+    fresh = nbx.attribute(model, images[0], w.method, layer="layer2")
+    np.testing.assert_allclose(w.result.map, fresh.map, atol=1e-5)
+    assert w.result.meta["weights_sha256"] == fresh.meta["weights_sha256"]
     w.close()
 
 
