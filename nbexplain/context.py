@@ -52,6 +52,7 @@ class Context:
     _quiet: int = field(default=0, init=False, repr=False)   # > 0 inside a caller that reports itself
     _targets: torch.Tensor | None = field(default=None, init=False, repr=False)
     _folded: list | None = field(default=None, init=False, repr=False)   # this call's folded BN weights
+    _occluders: dict = field(default_factory=dict, init=False, repr=False)   # patch -> Occluded, or None
 
     @cached_property
     def plan(self) -> Plan:
@@ -160,7 +161,7 @@ class Context:
         return _checked(logits, len(xs)).gather(1, targets[:, None])[:, 0]
 
     def _occluded(self, patch: tuple[int, int]) -> Occluded | None:
-        memo = self.__dict__.setdefault("_occluders", {})
+        memo = self._occluders
         if patch not in memo:
             memo[patch] = None
             if self.swaps_allowed and self.batch_size >= 2:

@@ -15,15 +15,15 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, NamedTuple
+from typing import Callable, ContextManager, NamedTuple
 
 import torch
 from torch import nn
 
 from .calls import call
 from .hygiene import global_hooks, hooked, modules_of
+from .kernels import substituted
 from .speed import once_per_shape, same_logits
 
 _PREFIXES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -298,21 +298,11 @@ def _paste(into: torch.Tensor, windows: list[Box], crops: torch.Tensor, boxes: l
             into[b, :, ty0 - wy0:ty1 - wy0, tx0 - wx0:tx1 - wx0] = crops[b, :, ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0]
 
 
-@contextmanager
 def standing_in(units: tuple[Unit, ...], shapes: tuple[tuple[int, ...], ...], full: torch.Tensor
-                ) -> Iterator[None]:
+                ) -> ContextManager[None]:
     """For one forward: the last unit returns ``full``; the ones before it return NaN (read by nothing, if the
     chain is one: the probe's check fails otherwise) without computing."""
-    saved = [(u.module, u.module.__dict__.get("forward")) for u in units]     # all taken before any is set
     nan = torch.full((), float("nan"), dtype=full.dtype, device=full.device)
-    try:
-        for u, shape in zip(units[:-1], shapes):
-            u.module.forward = lambda *_a, _shape=(len(full), *shape[1:]), **_k: nan.expand(_shape)
-        units[-1].module.forward = lambda *_a, **_k: full
-        yield
-    finally:
-        for m, f in saved:
-            if f is None:
-                m.__dict__.pop("forward", None)
-            else:
-                m.forward = f
+    pairs = [(u.module, lambda *_a, _shape=(len(full), *shape[1:]), **_k: nan.expand(_shape))
+             for u, shape in zip(units[:-1], shapes)]
+    return substituted(pairs + [(units[-1].module, lambda *_a, **_k: full)])

@@ -73,12 +73,17 @@ def _unpadded(conv: nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @contextmanager
 def substituted(pairs: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
-    """Each module of ``substitutes`` runs its equivalent until exit. Hooks on them see the same inputs and
-    outputs, so they need not be skipped."""
+    """Each module runs the given forward until exit (``substitutes``' equivalents; hooks on them see the same
+    inputs and outputs, so they need not be skipped). A forward already set on a module (an outer
+    substitution) is put back on exit, not dropped."""
+    saved = [(module, module.__dict__.get("forward")) for module, _ in pairs]    # all before any is set
     try:
         for module, forward in pairs:
             module.forward = forward
         yield
     finally:
-        for module, _ in pairs:
-            module.__dict__.pop("forward", None)
+        for module, forward in reversed(saved):
+            if forward is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward

@@ -20,8 +20,8 @@ from .models import describe, register, tensor_key
 
 class Replica:
     """``get()``: the copy of ``model``, made again whenever the model is no longer what it copied.
-    ``refresh()`` does the same check and returns the tensors' versions (the widget's fingerprint), so a
-    widget update walks the model once; ``copy`` is the copy as of the last check."""
+    ``refresh()`` does the same check and returns the tensors and their versions (the widget's fingerprint),
+    so a widget update walks the model once; ``copy`` is the copy as of the last check."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -37,9 +37,9 @@ class Replica:
     def copy(self) -> nn.Module:
         return self._copy if self._copy is not None else self.get()
 
-    def refresh(self, values: bool = True) -> tuple[tuple[int, ...], list[torch.Tensor]]:
-        """The copy brought up to date; returns ``tensor_key`` of the model's tensors (without the value
-        fingerprint when not ``values``: the caller checks those itself) and the tensors."""
+    def refresh(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
+        """The copy brought up to date; returns each of the model's tensors' (address, in-place version)
+        and the tensors (whose values the widget checks itself: ``models.fingerprint_of``)."""
         # under the model's own lock: a pass on the model itself (another thread's nbx.attribute) has
         # its hooks, folded weights and frozen flags on it, which a copy must not take
         with self._lock, model_lock(self.model):
@@ -48,7 +48,7 @@ class Replica:
                 self._copy, self._layout = _copy(self.model), layout
                 if self._copy is not self.model:
                     register(self._copy, describe(self.model))   # the labels and preprocessing it was given
-            return tensor_key(tensors, values), tensors
+            return tensor_key(tensors, values=False), tensors
 
 
 def _walk(model: nn.Module) -> tuple[tuple, list[torch.Tensor]]:
