@@ -46,9 +46,12 @@ class Attribution:
     def shown(self) -> np.ndarray:
         """The map in method-native units with NaN where there is no attribution (outside the model's
         crop of the original image), as the widget and the exports draw it."""
-        from .images import crop_mask
+        from .images import crop_slices
         box = self.meta.get("crop_box")
-        return np.where(crop_mask(tuple(box) if box else None, self.map.shape), self.map * self.scale, np.nan)
+        inside = crop_slices(tuple(box) if box else None)
+        out = np.full(self.map.shape, np.nan, np.float32)
+        out[inside] = self.map[inside] * self.scale
+        return out
 
     def downsized(self, max_side: int) -> "Attribution":
         """This attribution with its image and map shrunk so the longer side is at most ``max_side``
@@ -103,8 +106,8 @@ def display_map(raw: torch.Tensor, kind: str, reduce: str, input_hw: tuple[int, 
 
 def normalise(m: np.ndarray) -> tuple[np.ndarray, float]:
     """Divide by max |value| (sign kept); an all-zero map stays zero."""
-    scale = float(np.abs(m).max()) if m.size else 0.0
-    return (m / scale if scale > 0 else m).astype(np.float32), scale
+    scale = float(np.maximum(m.max(), -m.min())) if m.size else 0.0    # max |m| without an |m| copy
+    return (m / np.float32(scale) if scale > 0 else m).astype(np.float32, copy=False), scale
 
 
 def on_image(m: np.ndarray, original: np.ndarray | None, box) -> np.ndarray:

@@ -41,22 +41,68 @@ def borrowed(model: nn.Module) -> Iterator[nn.Module]:
         if id(model) in walks:
             yield model      # nested in this thread: the outer scope has set the flags and restores them
             return
-        walks[id(model)] = (model, list(model.modules()))
+        settled = _SETTLED.get(model)
+        walks[id(model)] = (model, settled[0] if settled else module_tree(model))
         try:
             with reused_memory(model_device(model)):
-                yield from _borrowed(model)
+                yield from (_attention_restored(model, settled[1]) if settled else _borrowed(model))
         finally:
             del walks[id(model)]
 
 
+_SETTLED: "weakref.WeakKeyDictionary[nn.Module, tuple[list, list]]" = weakref.WeakKeyDictionary()
+
+
+def settle(private: nn.Module) -> nn.Module:
+    """Put a private copy of a model (``replica``) in eval mode with frozen parameters for good, so that
+    ``borrowed`` need not walk it to set and restore those flags at every pass (0.5 ms a widget change on
+    EfficientNet-Lite0). Only for a copy nothing else sees: its module tree must not change after this."""
+    mods = module_tree(private)
+    for m in mods:
+        m.training = False
+        for p in m._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
+    _SETTLED[private] = (mods, [m for m in mods if _has_fused_flag(m)])
+    return private
+
+
+def _has_fused_flag(m: nn.Module) -> bool:
+    return "fused_attn" in m.__dict__ or hasattr(type(m), "fused_attn")   # hasattr(m) raises per module
+
+
+def _attention_restored(model: nn.Module, mods: list[nn.Module]) -> Iterator[nn.Module]:
+    """``_borrowed`` for a settled copy: only the attention flags a pass may turn off are put back."""
+    saved = [(m, m.fused_attn) for m in mods]
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
+
+
 _SCOPE = threading.local()     # per thread: the module list of each model borrowed (``modules_of``)
+
+
+def module_tree(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` at twice its speed: no names are built (0.1 ms on EfficientNet-Lite0)."""
+    out, seen = [model], {id(model)}
+
+    def visit(m: nn.Module) -> None:
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+                visit(child)
+    visit(model)
+    return out
 
 
 def modules_of(model: nn.Module) -> list[nn.Module]:
     """``list(model.modules())``, walked once per ``borrowed`` scope: a call reads the module tree several
     times (flags, weights' versions, probe keys), ~0.4 ms a walk on resnet50, which a GPU call notices."""
     walked = getattr(_SCOPE, "walks", {}).get(id(model))
-    return walked[1] if walked is not None and walked[0] is model else list(model.modules())
+    return walked[1] if walked is not None and walked[0] is model else module_tree(model)
 
 
 def module_set(model: nn.Module) -> int:
@@ -73,7 +119,7 @@ def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
         if m.training:
             training.append(m)
         grads += [p for p in m._parameters.values() if p is not None and p.requires_grad]
-        if "fused_attn" in m.__dict__ or hasattr(type(m), "fused_attn"):   # hasattr(m) raises per module
+        if _has_fused_flag(m):
             fused.append((m, m.fused_attn))
     try:
         for m in training:

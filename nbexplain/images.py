@@ -293,13 +293,6 @@ def area_resize(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out[0].numpy() if a.ndim == 2 else out.permute(1, 2, 0).numpy()
 
 
-def crop_mask(box: tuple[float, float, float, float] | None, shape: tuple[int, int]) -> np.ndarray:
-    """True where the original image was inside the model's crop (where a map has values)."""
-    mask = np.zeros(shape, bool)
-    mask[crop_slices(box)] = True
-    return mask
-
-
 def crop_slices(box: tuple[float, float, float, float] | None) -> tuple[slice, slice]:
     """Rows and columns of the original image inside the model's crop (all of them without a crop)."""
     if box is None:

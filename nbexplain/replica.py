@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import nn
 
-from .hygiene import model_lock
+from .hygiene import model_lock, module_tree, settle
 from .models import describe, register, tensor_key
 
 
@@ -45,7 +45,7 @@ class Replica:
         with self._lock, model_lock(self.model):
             layout, tensors = _walk(self.model)
             if layout != self._layout:
-                self._copy, self._layout = _copy(self.model), layout
+                self._copy, self._layout = settle(_copy(self.model)), layout
                 if self._copy is not self.model:
                     register(self._copy, describe(self.model))   # the labels and preprocessing it was given
             return tensor_key(tensors, values=False), tensors
@@ -55,19 +55,18 @@ def _walk(model: nn.Module) -> tuple[tuple, list[torch.Tensor]]:
     """What the copy must match (every module object, its hooks and forward overrides, where each tensor's
     storage is: training in place keeps it, ``.to()``, ``p.data = ...`` or a new layer does not), and the
     tensors, in one walk (1 ms for EfficientNet-Lite0)."""
-    mods = list(model.modules())
+    mods = module_tree(model)
     tensors = [t for m in mods for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
-    where = [t.data_ptr() for t in tensors]
     hooks = [k for m in mods for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
                                        m._backward_pre_hooks) if d for k in d]
-    layout = (tuple(map(id, mods)), tuple(where), tuple(t.shape for t in tensors),
-              tuple(m.__dict__.get("forward") for m in mods), tuple(hooks))
+    layout = (tuple(map(id, mods)), tuple([t.data_ptr() for t in tensors]), tuple([t.shape for t in tensors]),
+              tuple([m.__dict__.get("forward") for m in mods]), tuple(hooks))
     return layout, tensors
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    """Modules copied; parameters aliased (same storage, own ``requires_grad``); buffers shared (a pass
-    only reads them). A model that cannot be deep-copied (a lock, an open file, an old-style weight_norm
+    """Modules copied; parameters aliased (same storage, own ``requires_grad``, which ``settle`` turns
+    off); buffers shared (a pass only reads them). A model that cannot be deep-copied (a lock, an open file, an old-style weight_norm
     after a backward) gets a copy of its module tree alone (``tree_copy``)."""
     params = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()}
     try:

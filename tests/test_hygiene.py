@@ -257,3 +257,32 @@ def test_a_users_hook_on_a_sequential_layer_is_part_of_what_a_cam_reads():
         torch.testing.assert_close(got.raw, want.raw)
     assert len(hooked[0]._forward_hooks) == 1
     handle.remove()
+
+
+def test_a_private_copy_is_settled_for_good_and_gives_back_the_attention_flags_a_pass_turns_off():
+    from nbexplain.replica import Replica
+    model, _ = build("vit")
+    extra = make_awkward(model)
+    before = snapshot(model)
+    copy = Replica(model).get()
+    fused = [(name, m.fused_attn) for name, m in copy.named_modules() if hasattr(m, "fused_attn")]
+    assert fused == before["fused"] and fused
+    assert not any(m.training for m in copy.modules())
+    assert not any(p.requires_grad for p in copy.parameters())
+    x = torch.rand(1, 3, SIZE, SIZE)
+    for method in ("attention_rollout", "gradcam", "saliency"):   # attention is read unfused, then put back
+        run(copy, x, method)
+        assert [(name, m.fused_attn) for name, m in copy.named_modules() if hasattr(m, "fused_attn")] == fused
+        assert not any(m.training for m in copy.modules())
+        assert not any(p.requires_grad for p in copy.parameters())
+    assert_untouched(model, before, extra)
+
+
+def test_the_module_walk_is_model_modules_in_order_with_shared_and_missing_children():
+    from nbexplain.hygiene import module_tree
+    shared = nn.Linear(2, 2)
+    model = nn.Sequential(shared, nn.Sequential(nn.ReLU(), shared), nn.Identity())
+    model.add_module("gone", None)
+    assert module_tree(model) == list(model.modules())
+    resnet, _ = build("cnn")
+    assert module_tree(resnet) == list(resnet.modules())
