@@ -522,6 +522,53 @@ def test_guided_backprop_on_a_gelu_vit_warns_and_equals_saliency(vit):
     assert len(sg.meta["warnings"]) == 1
 
 
+class _ClampedGradient(torch.autograd.Function):
+    """The guided rule written independently: an identity whose backward keeps the positive gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clamp(min=0)
+
+
+class _InPlaceAfterRelus(nn.Module):
+    """An in-place add on a ReLU6 output (legal: its backward reads its input), an in-place ReLU module
+    called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), \
+            nn.Conv2d(6, 6, 3, padding=1)
+        self.act, self.relu, self.fc = nn.ReLU6(), nn.ReLU(inplace=True), nn.Linear(6, 4)
+
+    def forward(self, x):
+        a = self.act(self.conv1(x) * 3)
+        a += 0.5
+        c = self.relu(self.conv2(a))
+        return self.fc(self.relu(self.conv3(c)).mean((2, 3)))
+
+
+def test_guided_backprop_clamps_the_gradient_at_every_relu_call_through_in_place_ops():
+    torch.manual_seed(0)
+    model, x = _InPlaceAfterRelus().eval(), torch.randn(1, 3, 16, 16)
+    (ours,) = [r.raw for r in nbx.attribute(model, x, "guided_backprop", target=2)]
+    relus = [model.act, model.relu]
+    handles = [m.register_forward_hook(lambda _m, _i, out: _ClampedGradient.apply(out)) for m in relus]
+    try:
+        xi = x.clone().requires_grad_(True)
+        (ref,) = torch.autograd.grad(model(xi)[0, 2], xi)
+    finally:
+        for h in handles:
+            h.remove()
+    assert_close(ours, ref)
+    xi = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(xi)[0, 2], xi)
+    assert not torch.allclose(ours, plain, rtol=1e-2, atol=0)     # the rule changed something
+
+
 def test_guided_backprop_on_a_relu_cnn_does_not_warn(cnn, recwarn):
     nbx.attribute(cnn, make_input(1, 64)[0], "guided_backprop")
     assert not [w for w in recwarn if "ReLU" in str(w.message)]
