@@ -270,8 +270,10 @@ def to_original_grid(m: np.ndarray, box: tuple[float, float, float, float] | Non
         return m
     h, w = shape
     x0, y0, bw, bh = _placed(box)
-    resized = F.interpolate(torch.from_numpy(m)[None, None], size=(bh, bw), mode="bilinear",
-                            align_corners=False)[0, 0].numpy()
+    # shrinking (a picture smaller than the model's input) averages what each pixel covers: plain bilinear
+    # reads 4 points of the map per pixel, and a 1x1 picture's map was then one point, often 0
+    resized = F.interpolate(torch.from_numpy(m)[None, None], size=(bh, bw), mode="bilinear", align_corners=False,
+                            antialias=bh < m.shape[0] or bw < m.shape[1])[0, 0].numpy()
     out = np.zeros((h, w), np.float32)
     sx0, sy0 = max(0, -x0), max(0, -y0)
     x1, y1 = min(w, x0 + bw), min(h, y0 + bh)

@@ -364,7 +364,8 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
     tensors = module_tensors(model) if key is None else None
     versions = tensor_key(tensors, values=False) if key is None else None
-    return _HASHER.submit(_digest, model, key, tensors, versions, model.state_dict())
+    # keep_vars: the tensors themselves, not a detached view of each (a third of state_dict's 0.8 ms)
+    return _HASHER.submit(_digest, model, key, tensors, versions, model.state_dict(keep_vars=True))
 
 
 def _digest(model: nn.Module, key: tuple | None, tensors: list | None, versions: tuple | None,

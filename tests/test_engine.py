@@ -144,6 +144,20 @@ def test_map_matches_the_original_image_for_pil_input(cnn):
     assert out.raw.shape[1:] == grids[out.meta["layer"]]
 
 
+def test_a_picture_smaller_than_the_input_gets_the_average_of_what_each_pixel_covers(cnn):
+    """A saliency map is sparse at the model's resolution; shrunk onto a tiny picture each pixel must
+    summarise its area, not copy a point of it (a 1x1 picture's map was then 0)."""
+    rng = np.random.default_rng(0)
+    for side in (1, 8):
+        img = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+        out = nbx.attribute(cnn, img, "saliency", target=1)
+        full = out.raw.abs().amax(1)[0]                                  # the map at the model's input
+        area = torch.nn.functional.adaptive_avg_pool2d(full[None, None], side)[0, 0]
+        assert out.map.shape == (side, side) and (out.map != 0).all()
+        corr = np.corrcoef(out.map.ravel(), area.numpy().ravel())[0, 1] if side > 1 else 1.0
+        assert corr > 0.9
+
+
 def test_map_matches_the_tensor_for_tensor_input(cnn, vit):
     out = nbx.attribute(cnn, make_input(1, (48, 80))[0], "saliency")
     assert out.map.shape == (48, 80) and out.raw.shape == (1, 3, 48, 80)
@@ -777,6 +791,13 @@ def test_an_output_that_folds_positions_into_the_batch_is_no_cam_layer():
         assert out[0].meta["layer"] == "stages.2" and out[1].raw.shape == (1, 8, 8)   # last grid >= 7
     with pytest.raises(ValueError, match="per image"):
         nbx.attribute(model, x[0], "gradcam", layer="stages.4.1.transformer.0.norm1")
+
+
+def test_mobilevit_v2_attention_is_refused_for_what_it_is():
+    """Its separable attention scores each key per pixel of a patch; the error must not call it sub-sampled."""
+    model = make_model("mobilevitv2_050")
+    with pytest.raises(ValueError, match=r"not a token-to-token matrix \(separable linear attention\)"):
+        nbx.attribute(model, torch.randn(1, 3, 64, 64), "attention")
 
 
 def test_hiera_tokens_are_read_in_their_place_on_the_grid():

@@ -20,14 +20,22 @@ def fuse(attn: torch.Tensor, fusion: str) -> torch.Tensor:
     return {"mean": attn.mean(1), "max": attn.amax(1), "min": attn.amin(1)}[fusion]
 
 
-def reading(ctx: Context, a: torch.Tensor) -> TokenLayout | str:
-    """How one block's attention (N, heads, queries, keys) lies on the patch grid, or why it does not.
+# attention modules whose softmax scores keys once per pixel of a patch (MobileViT-v2): (N, 1, pixels, patches),
+# square where a patch has as many pixels as the grid has patches, yet never a token-to-token matrix
+_SEPARABLE = ("LinearSelfAttention",)
+
+
+def reading(ctx: Context, a: torch.Tensor, name: str) -> TokenLayout | str:
+    """How block ``name``'s attention (N, heads, queries, keys) lies on the patch grid, or why it does not.
 
     Global self-attention over [prefix tokens, patches] reads directly; so does class attention
-    (CaiT, XCiT: only the prefix tokens query). Windowed (Swin, MaxViT), channel (XCiT) and
-    sub-sampled (Twins) attention do not.
+    (CaiT, XCiT: only the prefix tokens query). Windowed (Swin, MaxViT), channel (XCiT),
+    sub-sampled (Twins) and separable (MobileViT-v2) attention do not.
     """
     n, hw = len(ctx.x), tuple(ctx.x.shape[2:])
+    if type(ctx.model.get_submodule(name)).__name__ in _SEPARABLE:
+        return (f"{a.shape[-2]} rows of scores over {a.shape[-1]} key{'s' * (a.shape[-1] != 1)}, not a token-to-token matrix "
+                "(separable linear attention)")
     if a.ndim != 4:
         return f"a {a.ndim}-d attention tensor {tuple(a.shape)} (grouped attention)"
     if a.shape[0] != n:
@@ -59,7 +67,7 @@ def to_patches(ctx: Context, rows: torch.Tensor, layout: TokenLayout) -> torch.T
 
 def readings(ctx: Context, method: str, maps: list[torch.Tensor], names: list[str]) -> list[TokenLayout]:
     """The patch-grid reading of every block, or an error naming the first block without one."""
-    found = [reading(ctx, a) for a in maps]
+    found = [reading(ctx, a, name) for a, name in zip(maps, names)]
     for i, got in enumerate(found):
         if isinstance(got, str):
             raise ValueError(f"{method}: rollout multiplies the attention of every block, but block {i} "
@@ -128,10 +136,10 @@ def attention(ctx: Context, block: int, head: int, fusion: str) -> torch.Tensor:
         raise ValueError(f"attention: block={block} out of range; the model has {len(maps)} blocks "
                          f"(0..{len(maps) - 1}, or -1 for the last)")
     a, i = maps[block], block % len(maps)
-    layout = reading(ctx, a)
+    layout = reading(ctx, a, names[i])
     if isinstance(layout, str):
         raise ValueError(f"attention: block {i} ({names[i]}) has {layout}, which does not lie on the patch "
-                         f"grid. {_instead([reading(ctx, m) for m in maps])}")
+                         f"grid. {_instead([reading(ctx, m, n) for m, n in zip(maps, names)])}")
     if not -1 <= head < a.shape[1]:
         raise ValueError(f"attention: head={head} out of range; block {block} has {a.shape[1]} heads "
                          "(0..{}, or -1 to fuse them)".format(a.shape[1] - 1))
