@@ -376,16 +376,23 @@ def test_a_list_of_tensors_is_one_batch_of_model_input(cnn):
     assert len(both) == 2 and torch.allclose(both[0].raw, nbx.attribute(cnn, X, "saliency").raw, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), [float("inf"), -float("inf")]])
 def test_non_finite_input(cnn, bad):
     x = X.clone()
-    x[0, 3, 3] = bad
+    x[0, 3, 3:3 + (len(bad) if isinstance(bad, list) else 1)] = torch.tensor(bad)    # +inf and -inf: sum NaN
     with pytest.raises(ValueError, match="images: the tensor contains NaN or infinite values"):
         nbx.attribute(cnn, x, "saliency")
     a = np.full((8, 8, 3), 0.5)
-    a[1, 1, 1] = bad
+    a[1, 1, 1] = bad[0] if isinstance(bad, list) else bad
     with pytest.raises(ValueError, match="image: the array contains NaN or infinite values"):
         nbx.attribute(cnn, a, "saliency")
+
+
+def test_large_finite_input_values_are_accepted(cnn):
+    """Values whose sum overflows float32 are still finite: the quick check must not call them infinite."""
+    x = torch.full_like(X, 3e38)
+    from nbexplain.images import prepare
+    assert torch.equal(prepare(x, None).x[0], x)
 
 
 # ------------------------------------------------------------------------------------ parameters
