@@ -355,8 +355,9 @@ def test_integrated_gradients_auto_on_a_relu_net_takes_the_adaptive_rule(zoo, ru
     assert float((out.raw - fine.raw).norm() / fine.raw.norm()) <= integrated.MAP_TOLERANCE
 
 
-def test_scorecam_dead_channels_cost_one_forward_and_match_grad_cam(zoo):
-    """Channels that are zero everywhere all mask the image to zero: one shared forward, same map."""
+def test_scorecam_channels_of_one_shape_cost_one_forward_and_match_grad_cam(zoo):
+    """Channels that are zero everywhere all mask the image to zero, and a channel that is another scaled
+    (one active cell on a trained net) gives its mask: one shared forward each, same map."""
     model, x = zoo("resnet"), make_input()
     layer = ARCHS["resnet"][2]
     seen = []
@@ -366,10 +367,12 @@ def test_scorecam_dead_channels_cost_one_forward_and_match_grad_cam(zoo):
     probe.remove()
     width = seen[0]
     dead = list(range(0, width, 3))                      # a third of the layer's channels, silenced
+    copies, sources = list(range(1, width, 6)), list(range(2, width, 6))[:len(range(1, width, 6))]
 
     def silence(_m, _inp, out):
         out = out.clone()
         out[:, dead] = 0
+        out[:, copies[:len(sources)]] = 4 * out[:, sources]   # a power of two: the same shape to the bit
         return out
 
     handle = dict(model.named_modules())[layer].register_forward_hook(silence)
@@ -381,6 +384,8 @@ def test_scorecam_dead_channels_cost_one_forward_and_match_grad_cam(zoo):
     channels = acts.shape[1]
     zero = int((np.abs(acts[0]).max((1, 2)) == 0).sum())     # ours, plus any the ReLU killed already
     assert np.abs(acts[0, dead]).max() == 0 and len(dead) <= zero < channels
-    # one pass at x (targets, activations), one per live channel, one for all the dead ones
-    assert ours.meta["evaluations"] == 1 + (channels - zero) + 1
+    shapes = {tuple(np.round((c.ravel() - c.min()) / (c.max() - c.min()), 6)) for c in acts[0] if c.max() > c.min()}
+    assert len(shapes) < channels - zero                  # the copies of live channels share a shape
+    # one pass at x (targets, activations), one per shape of live channel, one for all the dead ones
+    assert ours.meta["evaluations"] == 1 + len(shapes) + 1
     assert_close(ours.raw, np.maximum(pre_relu, 0), scale=float(np.abs(pre_relu).max()))

@@ -84,26 +84,35 @@ def eigencam(A, G, ctx):
 
 
 @cam("scorecam", "Channels weighted by the class score when the image is masked by each upsampled "
-     "channel (gradient-free, one batched forward per channel).", "Wang et al. 2020", gradients=False)
+     "channel (gradient-free, one batched forward per channel; channels of one shape, such as all the dead "
+     "ones, share it).", "Wang et al. 2020", gradients=False)
 def scorecam(A, G, ctx):
     n, c = A.shape[:2]
-    # a constant channel (dead after a ReLU, say) masks the image to exactly zero: all such channels
-    # share one score, so they cost one forward, not one each
-    flat = A.flatten(2).amax(2) == A.flatten(2).amin(2)
     scores = torch.empty(n, c, device=A.device)
     for i in range(n):
-        live = (~flat[i]).nonzero()[:, 0]
-        order = torch.cat([live, flat[i].nonzero()[:1, 0]])   # the live channels, then one dead
-        for j in range(0, len(order), ctx.batch_size):
-            idx = order[j:j + ctx.batch_size]
+        # channels of one shape share a mask, so one forward scores them all: every constant channel (dead
+        # after a ReLU, say) masks the image to zero, and on a trained net ~10% of the live ones repeat
+        # another's shape (one cell active), found at the layer's resolution before upsampling
+        groups, members = torch.unique(_shapes(A[i]), dim=0, return_inverse=True)
+        first = torch.full((len(groups),), c, device=A.device).scatter_reduce(
+            0, members, torch.arange(c, device=A.device), "amin")
+        shared = torch.empty(len(groups), device=A.device)
+        for j in range(0, len(first), ctx.batch_size):
+            idx = first[j:j + ctx.batch_size]
             # masks are made per chunk: all of them at once is C x H x W floats per image (3 GB for a
             # batch of 8 at resnet50's layer4)
-            scores[i, idx] = ctx.scores(ctx.x[i:i + 1] * _unit_masks(A[i, idx], ctx.x.shape[2:]).to(ctx.x.dtype),
-                                        ctx.targets[i].repeat(len(idx))).float()   # a bf16 model's too
-            ctx.report((i + (j + len(idx)) / len(order)) / n)
-        if len(live) < c:
-            scores[i, flat[i]] = scores[i, order[-1]]
+            shared[j:j + len(idx)] = ctx.scores(ctx.x[i:i + 1] * _unit_masks(A[i, idx], ctx.x.shape[2:]).to(ctx.x.dtype),
+                                                ctx.targets[i].repeat(len(idx))).float()   # a bf16 model's too
+            ctx.report((i + (j + len(idx)) / len(first)) / n)
+        scores[i] = shared[members]
     return _weighted(A, scores.softmax(1))
+
+
+def _shapes(acts: torch.Tensor) -> torch.Tensor:
+    """(c,h,w) activations -> (c, h*w), each scaled to [0, 1] (0 where constant): equal rows, equal masks."""
+    flat = acts.flatten(1).float()
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    return torch.where(hi > lo, (flat - lo) / (hi - lo).clamp(min=torch.finfo(flat.dtype).tiny), 0.0)
 
 
 def _unit_masks(acts: torch.Tensor, size) -> torch.Tensor:
