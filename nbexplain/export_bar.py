@@ -104,3 +104,8 @@ def export_bar(explorer: Any, folder: str | os.PathLike = ".") -> ExportBar:
     """Export buttons (PNG, NPZ, JSON, HTML) for ``explorer`` (what ``nbx.explain`` returns), saving
     ``explorer.view.result`` with the view's opacity/colormap/sign/clip into ``folder``."""
     return ExportBar(explorer, folder)
+
+
+from ._callable import callable_module  # noqa: E402
+
+callable_module(__name__)   # nbx.export_bar(...) once this module is imported

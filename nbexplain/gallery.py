@@ -261,3 +261,8 @@ def gallery(model, images: Any, method: str = "integrated_gradients", *, masks=N
     result = explain_batch(model, images, method, masks=masks, target=target, faithfulness=faithfulness,
                            progress=progress, **params)
     return Gallery(result, columns=columns, thumb=thumb, sort_by=sort_by)
+
+
+from ._callable import callable_module  # noqa: E402
+
+callable_module(__name__)   # nbx.gallery(...) once this module is imported

@@ -16,6 +16,7 @@ from torch import nn
 
 from .methods import REGISTRY, get as get_method
 from ._errors import positive_int
+from .api import class_index
 from .attribution import Attribution
 from .calls import eager
 from .layers import layer_name
@@ -84,6 +85,20 @@ class _LayerName(t.Unicode):
         return super().validate(obj, value)
 
 
+class _ClassIndex(t.Int):
+    """The target class: -1 (the predicted one), an index, or a class name (``w.target = "tabby"``), kept as
+    its index, as ``nbx.attribute(..., target="tabby")`` takes it (the frontend syncs indices only)."""
+
+    def validate(self, obj: Any, value: Any) -> int:
+        if isinstance(value, str):
+            labels = obj._session.info.labels
+            try:
+                value = class_index(value, len(labels) if labels else 0, labels)
+            except ValueError as e:
+                raise t.TraitError(str(e)) from None
+        return super().validate(obj, value)
+
+
 class ExplorerView(anywidget.AnyWidget):
     """The anywidget: image + heatmap canvas and the controls (frontend in js/)."""
 
@@ -94,7 +109,7 @@ class ExplorerView(anywidget.AnyWidget):
     image = t.Int(0).tag(sync=True)
     method = t.Unicode("gradcam").tag(sync=True)
     layer = _LayerName("").tag(sync=True)
-    target = t.Int(-1).tag(sync=True)
+    target = _ClassIndex(-1).tag(sync=True)
     compare = t.List(t.Unicode()).tag(sync=True)
     model_version = t.Int(0).tag(sync=True)
     locals().update(PARAMS)          # one trait per method parameter, generated from the registry

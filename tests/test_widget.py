@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import traitlets as t
 import torch
 
 import nbexplain as nbx
@@ -604,4 +605,33 @@ def test_a_low_precision_vit_runs_pixel_methods_in_the_widget(images):
     w = nbx.explain(model, images, method="integrated_gradients", steps=4)
     w.wait()
     assert np.isfinite(w.result.map).all() and w.result.map.max() > 0
+    w.close()
+
+
+def test_the_package_functions_named_like_their_modules_stay_callable(cnn, images, tmp_path):
+    """Opening an explorer imports nbexplain.export_bar, which made nbx.export_bar the module (and
+    nbx.gallery after its first use): 'module' object is not callable."""
+    import nbexplain.export_bar  # noqa: F401  (what the explorer does)
+    import nbexplain.gallery  # noqa: F401
+    w = nbx.explain(cnn, images, method="saliency")
+    w.wait()
+    path = nbx.export_bar(w, tmp_path).save("json")
+    assert str(path).endswith(".json")
+    g = nbx.gallery(cnn, images, "saliency", progress=False)
+    assert len(g.result.items) == len(images)
+    w.close()
+    g.close()
+
+
+def test_the_target_takes_a_class_name_as_attribute_does(cnn, images):
+    names = [f"class {i}" for i in range(4)]
+    w = nbx.explain(cnn, images, method="saliency", labels=names, target="class 3")
+    w.wait()
+    assert w.target == 3 and w.result.target == 3 and w.result.label == "class 3"
+    w.target = "Class 2"
+    w.wait()
+    assert w.target == 2 and w.result.label == "class 2"
+    with pytest.raises(t.TraitError, match="no class of that name"):
+        w.target = "class 9"
+    assert w.target == 2
     w.close()
