@@ -405,7 +405,8 @@ class Explorer(ipywidgets.VBox):
         others = [m for m in ("gradcam", "integrated_gradients", "occlusion") if m != view.method][:2]
         session = view._session
         return TrustPanel(session.model, session.items[view.image].source, list(methods or [view.method, *others]),
-                          target=result.target, params={view.method: current}, **kwargs)
+                          target=result.target, params={view.method: current},
+                          **{"preprocess": session.info.preprocess, **kwargs})
 
     def close(self) -> None:
         self.view.close()

@@ -330,26 +330,54 @@ def test_method_lists_are_checked_before_any_map_is_computed(mixed, batch, monke
 
 @pytest.mark.filterwarnings("ignore:methods disagree")
 def test_a_pixel_baseline_on_a_bare_module_names_the_fixes_the_trust_checks_take():
-    """IG's default baseline (black pixels) needs mean/std. The trust checks take no ``preprocess=``, so
-    their error names the two routes that work there, and both do."""
+    """IG's default baseline (black pixels) needs mean/std: the trust checks' error names the routes they
+    take (preprocess=, as attribute takes it; a model loaded with its preprocessing; a baseline in model
+    units), and each works."""
     def bare():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                    torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
     m, x, pre = bare(), torch.randn(3, 16, 16), nbx.Preprocess(size=16)
-    routes = r"take no preprocess=.*nbx\.load_model\(model, preprocess=.*params=\{'integrated_gradients': " \
-             r"\{'preprocess': .*\{'baseline': 'zeros'\}"
+    routes = r"pass preprocess=nbx\.Preprocess\(\.\.\.\) to this check, or load the model with " \
+             r"nbx\.load_model\(model, preprocess=.*params=\{'integrated_gradients': \{'baseline': 'zeros'\}"
     for check in (lambda: trust.randomization_test(m, x, ["integrated_gradients"], groups=["4"]),
                   lambda: trust.agreement(m, x, ["saliency", "integrated_gradients"])):
         _rejected(m, check, ValueError, r"integrated_gradients: baseline='black' is defined in pixels.*" + routes)
     with pytest.raises(ValueError, match=r"pass preprocess=nbx\.Preprocess\(\.\.\.\) \(or .*nbx\.load_model"):
         nbx.attribute(m, x, "integrated_gradients")          # attribute itself does take preprocess=
-    params = {"integrated_gradients": {"preprocess": pre, "steps": 4}}
-    assert trust.agreement(m, x, ["saliency", "integrated_gradients"], params=params).matrix.shape == (2, 2)
+    params = {"integrated_gradients": {"steps": 4}}
+    assert trust.agreement(m, x, ["saliency", "integrated_gradients"], params=params,
+                           preprocess=pre).matrix.shape == (2, 2)
+    assert trust.randomization_test(m, x, ["integrated_gradients"], groups=["4"], params=params,
+                                    preprocess=pre).steps == ["4"]
+    zeros = {"integrated_gradients": {"baseline": "zeros", "steps": 4}}
+    assert trust.agreement(m, x, ["saliency", "integrated_gradients"], params=zeros).matrix.shape == (2, 2)
     loaded = nbx.load_model(bare(), preprocess=pre)
     report = trust.randomization_test(loaded, x, ["integrated_gradients"], groups=["4"],
                                       params={"integrated_gradients": {"steps": 4}})
     assert report.steps == ["4"]
+
+
+@pytest.mark.filterwarnings("ignore:methods disagree")
+def test_the_trust_checks_take_the_preprocessing_a_picture_needs():
+    """A plain module given a picture needs preprocess=, which the error advises: the checks take it, and
+    an explorer opened with it hands it to its trust panel."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    pre = nbx.Preprocess(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"pass preprocess=nbx\.Preprocess"):
+        trust.agreement(m, picture, ["saliency", "gradcam"])
+    assert trust.agreement(m, picture, ["saliency", "gradcam"], preprocess=pre).matrix.shape == (2, 2)
+    report = trust.randomization_test(m, picture, ["saliency"], groups=["5"], preprocess=pre)
+    assert report.steps == ["5"]
+    w = nbx.explain(m, [picture], method="saliency", preprocess=pre)
+    w.wait()
+    panel = w.trust(methods=["saliency", "gradcam"], steps=4)
+    panel.run()
+    assert panel.error is None and panel.agreement.matrix.shape == (2, 2)
+    w.close()
 
 
 def test_randomization_refuses_groups_without_parameters_and_lists_those_with(mixed, batch):

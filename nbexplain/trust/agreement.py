@@ -42,14 +42,15 @@ class Agreement:
 
 
 def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion", "integrated_gradients"), *,
-              target: Any = None, params: dict[str, dict] | None = None) -> Agreement:
-    """Explain one image and target with two or more methods and correlate their maps."""
+              target: Any = None, params: dict[str, dict] | None = None, preprocess=None) -> Agreement:
+    """Explain one image and target with two or more methods and correlate their maps (``preprocess``: as
+    ``nbx.attribute`` takes it, for a model that carries none)."""
     image = one_image(image, "agreement")
     methods = method_names(methods)
     if len(methods) < 2:
         raise ValueError(f"methods: agreement compares at least two methods, got {len(methods)}; "
                          "name two or more, e.g. ['gradcam', 'saliency']")
-    params = params or {}
+    params = with_preprocess(params or {}, methods, preprocess)
     exps = []
     for m in methods:
         exps.append(explain_one(model, image, m, target if not exps else exps[0].target, params))
@@ -60,18 +61,24 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
     return result
 
 
+def with_preprocess(params: dict[str, dict], methods: list[str], preprocess) -> dict[str, dict]:
+    """Each method's settings, with ``preprocess`` for every method that does not name its own."""
+    if preprocess is None:
+        return params
+    return {m: {"preprocess": preprocess, **params.get(m, {})} for m in methods}
+
+
 def explain_one(model, image: Any, method: str, target: Any, params: dict[str, dict]):
     """``attribute`` as the trust helpers call it: method settings come from ``params``, and an error that
-    advises ``preprocess=`` (which these helpers do not take) names the routes that do work here."""
+    needs preprocessing names the routes these helpers take."""
     try:
         return attribute(model, image, method, target=target, **params.get(method, {}))
     except NeedsPreprocess as e:
         raise ValueError(
             f"{method}: {e.param}={e.kind!r} is defined in pixels, but this model carries no preprocessing "
-            "(mean/std). The trust checks take no preprocess= argument: load the model with "
-            "nbx.load_model(model, preprocess=nbx.Preprocess(...)), or pass "
-            f"params={{{method!r}: {{'preprocess': nbx.Preprocess(...)}}}} (or {{{method!r}: "
-            f"{{{e.param!r}: 'zeros'}}}})") from None
+            "(mean/std): pass preprocess=nbx.Preprocess(...) to this check, or load the model with "
+            f"nbx.load_model(model, preprocess=nbx.Preprocess(...)), or pass params={{{method!r}: "
+            f"{{{e.param!r}: 'zeros'}}}}") from None
 
 
 def one_image(image: Any, check: str) -> Any:

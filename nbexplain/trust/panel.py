@@ -18,7 +18,7 @@ import numpy as np
 
 from ..calls import eager
 from ..replica import Replica
-from .agreement import DISAGREE_BELOW, Agreement, explain_one, method_names, one_image
+from .agreement import DISAGREE_BELOW, Agreement, explain_one, method_names, one_image, with_preprocess
 from .faithfulness import Curves, deletion_insertion
 from .randomization import THRESHOLD, RandomizationReport, randomization_test
 from .similarity import rank_agreement
@@ -44,13 +44,13 @@ class TrustPanel(ipywidgets.VBox):
     After ``run()``: ``report`` (RandomizationReport), ``curves`` (method -> Curves, plus 'random',
     a random ranking as the control), ``agreement`` (Agreement), ``attributions`` (method -> Attribution),
     ``warnings`` (list of str). ``params`` maps method -> keyword arguments (``{"integrated_gradients":
-    {"steps": 16}}``). The randomisation test recomputes every map once per layer group: seconds for small
+    {"steps": 16}}``); ``preprocess`` applies to every method (a model that carries none). The randomisation test recomputes every map once per layer group: seconds for small
     models, longer for large ones with many groups (pass ``groups=[...]`` to test fewer).
     """
 
     def __init__(self, model, image: Any, methods: Sequence[str] = DEFAULT_METHODS, *, target: Any = None,
                  params: dict[str, dict] | None = None, mode: str = "cascading", groups: Sequence[str] | None = None,
-                 steps: int = 20, fill: str = "blur", seed: int = 0, autorun: bool = False) -> None:
+                 steps: int = 20, fill: str = "blur", seed: int = 0, autorun: bool = False, preprocess=None) -> None:
         import bqplot as bq
         methods, image = method_names(methods), one_image(image, "the trust panel")
         if not methods:
@@ -59,7 +59,7 @@ class TrustPanel(ipywidgets.VBox):
             raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
         self.model, self.image, self.methods, self.target = eager(model), image, methods, target
         self.private = Replica(self.model)    # what the checks run on: the button runs them in the background
-        self.params = {m: dict(v) for m, v in (params or {}).items()}
+        self.params = with_preprocess({m: dict(v) for m, v in (params or {}).items()}, methods, preprocess)
         self.mode, self.groups, self.steps, self.fill, self.seed = mode, groups, steps, fill, seed
         self.report: RandomizationReport | None = None
         self.curves: dict[str, Curves] = {}

@@ -16,7 +16,7 @@ from ..calls import eager
 from ..layers import core
 from ..models import describe, register
 from ..replica import tree_copy
-from .agreement import explain_one, method_names, one_image
+from .agreement import explain_one, method_names, one_image, with_preprocess
 from .similarity import compare, on_crop
 
 THRESHOLD = 0.5          # a method passes when |map| rank correlation after full randomisation is below this
@@ -126,16 +126,17 @@ def _private_copy(model: nn.Module) -> nn.Module:
 def randomization_test(model: nn.Module, image: Any, methods: Sequence[str] = ("gradcam", "saliency",
                        "integrated_gradients"), *, mode: str = "cascading", target: Any = None,
                        groups: Sequence[str] | None = None, seed: int = 0,
-                       params: dict[str, dict] | None = None) -> RandomizationReport:
+                       params: dict[str, dict] | None = None, preprocess=None) -> RandomizationReport:
     """Randomise the model's layers top-down (cascading) or one at a time (independent) and measure how
-    much each method's map changes. The user's model is never touched: every step uses a deep copy."""
+    much each method's map changes. The user's model is never touched: every step uses a deep copy.
+    ``preprocess``: as ``nbx.attribute`` takes it, for a model that carries none."""
     if mode not in ("cascading", "independent"):
         raise ValueError("mode: use 'cascading' (top-down, cumulative) or 'independent' (one layer at a time)")
     image = one_image(image, "randomization_test")
     methods = method_names(methods)
     if not methods:
         raise ValueError("methods: the list is empty; name at least one method, e.g. ['saliency']")
-    params = _check_params(params, methods)
+    params = with_preprocess(_check_params(params, methods), methods, preprocess)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise TypeError(f"seed: expected a non-negative whole number, got {seed!r}")
     model = eager(model)              # a torch.compile'd model: randomise (copies of) the module it wraps
