@@ -109,6 +109,8 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                       keep_intermediates=keep_intermediates)
         if batch_size is not None:       # chosen by the caller: replay uses it too (a pass of one sample runs
             ctx.meta["batch_size"] = batch_size   # without the batched fast paths, whose maps differ by ~1e-3)
+        if len(x) > 1:                   # replay runs as many copies, so that its passes hold what these held
+            ctx.meta["batch_images"] = len(x)
         if logits is not None:
             ctx.seen(logits.to(device))
         raw = spec.fn(ctx, **params)
