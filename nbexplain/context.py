@@ -382,7 +382,8 @@ class Context:
             if not maps:
                 raise ValueError("attention methods: no attention matrix was captured; the model has no timm-style "
                                  "'attn_drop' after its softmax. Attention methods need a timm Vision "
-                                 "Transformer (ViT, DeiT, EVA...); use 'gradcam' on a block's norm1 instead")
+                                 "Transformer (ViT, DeiT, EVA...); use 'gradcam' instead, at its default layer "
+                                 "or one that nbx.layers(model) lists")
             grads = None
             if gradients:
                 score = logits.gather(1, targets[:, None]).sum()
