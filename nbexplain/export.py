@@ -181,11 +181,13 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
                 raise ValueError(f"replay: the export's tensor parameter {name!r} is corrupt ({type(e).__name__}: "
                                  f"{e}); pass it again ({name}=<the tensor>) or export the attribution again") from None
     layer = d.get("layer") if d.get("layer") and not str(d.get("layer")).startswith("block ") else None
-    # an image explained with others is replayed among as many copies of itself: which fast paths a pass takes
-    # (BatchNorm folding, the memory format) depends on how many samples it holds, and on a net with max
-    # pooling the other summation order moved 0.3% of a saliency map's pixels by up to 8%
-    copies = d.get("batch_images", 1)
-    if isinstance(copies, int) and copies > 1:
+    # an image explained with others in one pass each (saliency, CAMs) is replayed among as many copies of
+    # itself: which fast paths a pass takes (BatchNorm folding, the memory format) depends on how many samples
+    # it holds, and on a net with max pooling the other summation order moved 0.3% of a saliency map's pixels
+    # by up to 8%. Methods of many samples per image (IG, SmoothGrad, occlusion) run batched passes either way,
+    # so they replay alone (copies would multiply their cost).
+    copies, evaluations = d.get("batch_images", 1), d.get("evaluations")
+    if isinstance(copies, int) and copies > 1 and isinstance(evaluations, int) and evaluations <= 2 * copies:
         image = image.expand(copies, *image.shape[-3:]) if isinstance(image, torch.Tensor) else [image] * copies
     result = attribute(model, image, d["method"], target=d["target"], preprocess=pre, batch_size=d.get("batch_size"),
                        **({"layer": layer} if layer else {}), **params)

@@ -890,7 +890,7 @@ def test_a_layer_that_is_one_cell_at_this_input_size_says_so_and_names_one_with_
 def test_an_image_explained_among_others_replays_to_its_own_map():
     """The passes of a batch fold BatchNorm and a pass of one image does not; on a net with max pooling the
     other summation order moved pixels of a saliency map by up to 8%, so replay (one image) gave another map.
-    It runs as many copies of the image as the original call had images."""
+    It runs as many copies of the image as the original call had images; IG runs batched passes either way."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
@@ -902,6 +902,8 @@ def test_an_image_explained_among_others_replays_to_its_own_map():
         for out in nbx.attribute(model, pictures, method, preprocess=pre, **kw):
             again = nbx.replay(out.to_json(), model)
             np.testing.assert_allclose(again.map, out.map, rtol=0, atol=1e-6 * np.abs(out.map).max())
+            copies = len(pictures) if method == "saliency" else 1          # IG's 8 steps are not run 4 times
+            assert again.meta["evaluations"] * len(pictures) == out.meta["evaluations"] * copies
     single = nbx.attribute(model, pictures[1], "saliency", preprocess=pre)
     assert "batch_images" not in single.meta
     np.testing.assert_array_equal(nbx.replay(single.to_json(), model).map, single.map)
