@@ -72,7 +72,8 @@ def _has_fused_flag(m: nn.Module) -> bool:
 
 
 def _attention_restored(model: nn.Module, mods: list[nn.Module]) -> Iterator[nn.Module]:
-    """``_borrowed`` for a settled copy: only the attention flags a pass may turn off are put back."""
+    """Yields ``model``; on exit puts back the attention flags of ``mods`` that a pass may turn off (all that a
+    settled copy needs restored, part of what ``_borrowed`` restores)."""
     saved = [(m, m.fused_attn) for m in mods]
     try:
         yield model
@@ -120,20 +121,18 @@ def _borrowed(model: nn.Module) -> Iterator[nn.Module]:
             training.append(m)
         grads += [p for p in m._parameters.values() if p is not None and p.requires_grad]
         if _has_fused_flag(m):
-            fused.append((m, m.fused_attn))
+            fused.append(m)
     try:
         for m in training:
             m.training = False
         for p in grads:
             p.requires_grad_(False)
-        yield model
+        yield from _attention_restored(model, fused)
     finally:
         for m in training:
             m.training = True
         for p in grads:
             p.requires_grad_(True)
-        for m, flag in fused:
-            m.fused_attn = flag
 
 
 def hooked(m: nn.Module) -> bool:

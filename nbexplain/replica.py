@@ -66,8 +66,8 @@ def _walk(model: nn.Module) -> tuple[tuple, list[torch.Tensor]]:
 
 def _copy(model: nn.Module) -> nn.Module:
     """Modules copied; parameters aliased (same storage, own ``requires_grad``, which ``settle`` turns
-    off); buffers shared (a pass only reads them). A model that cannot be deep-copied (a lock, an open file, an old-style weight_norm
-    after a backward) gets a copy of its module tree alone (``tree_copy``)."""
+    off); buffers shared (a pass only reads them). A model that cannot be deep-copied (a lock, an open file,
+    an old-style weight_norm after a backward) gets a copy of its module tree alone (``tree_copy``)."""
     params = {id(p): nn.Parameter(p.detach(), p.requires_grad) for p in model.parameters()}
     try:
         return copy.deepcopy(model, {id(b): b for b in model.buffers()} | params)

@@ -378,6 +378,13 @@ def test_the_trust_checks_take_the_preprocessing_a_picture_needs():
     panel.run()
     assert panel.error is None and panel.agreement.matrix.shape == (2, 2)
     w.close()
+    # preprocess= goes to every method without hiding a params key no method uses
+    with pytest.raises(ValueError, match=r"params: 'gradcam' is not among the methods tested"):
+        trust.randomization_test(m, picture, ["saliency"], groups=["5"], preprocess=pre,
+                                 params={"gradcam": {}})
+    panel = nbx.TrustPanel(m, picture, ["saliency", "occlusion"], groups=["5"], preprocess=pre,
+                           params={"gradcam": {}})
+    assert panel.params["gradcam"] == {} and panel.params["saliency"] == {"preprocess": pre}
 
 
 def test_randomization_refuses_groups_without_parameters_and_lists_those_with(mixed, batch):

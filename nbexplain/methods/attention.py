@@ -34,8 +34,8 @@ def reading(ctx: Context, a: torch.Tensor, name: str) -> TokenLayout | str:
     """
     n, hw = len(ctx.x), tuple(ctx.x.shape[2:])
     if type(ctx.model.get_submodule(name)).__name__ in _SEPARABLE:
-        return (f"{a.shape[-2]} rows of scores over {a.shape[-1]} key{'s' * (a.shape[-1] != 1)}, not a token-to-token matrix "
-                "(separable linear attention)")
+        return (f"{a.shape[-2]} rows of scores over {a.shape[-1]} key{'s' * (a.shape[-1] != 1)}, not a "
+                "token-to-token matrix (separable linear attention)")
     if a.ndim != 4:
         return f"a {a.ndim}-d attention tensor {tuple(a.shape)} (grouped attention)"
     if a.shape[0] != n:

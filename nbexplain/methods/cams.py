@@ -101,8 +101,8 @@ def scorecam(A, G, ctx):
             idx = first[j:j + ctx.batch_size]
             # masks are made per chunk: all of them at once is C x H x W floats per image (3 GB for a
             # batch of 8 at resnet50's layer4)
-            shared[j:j + len(idx)] = ctx.scores(ctx.x[i:i + 1] * _unit_masks(A[i, idx], ctx.x.shape[2:]).to(ctx.x.dtype),
-                                                ctx.targets[i].repeat(len(idx))).float()   # a bf16 model's too
+            masked = ctx.x[i:i + 1] * _unit_masks(A[i, idx], ctx.x.shape[2:]).to(ctx.x.dtype)
+            shared[j:j + len(idx)] = ctx.scores(masked, ctx.targets[i].repeat(len(idx))).float()   # a bf16 model's too
             ctx.report((i + (j + len(idx)) / len(first)) / n)
         scores[i] = shared[members]
     return _weighted(A, scores.softmax(1))

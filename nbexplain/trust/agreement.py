@@ -62,10 +62,11 @@ def agreement(model, image: Any, methods: Sequence[str] = ("gradcam", "occlusion
 
 
 def with_preprocess(params: dict[str, dict], methods: list[str], preprocess) -> dict[str, dict]:
-    """Each method's settings, with ``preprocess`` for every method that does not name its own."""
+    """Each method's settings, with ``preprocess`` for every method that does not name its own (other keys
+    are kept, for the caller's check of them)."""
     if preprocess is None:
         return params
-    return {m: {"preprocess": preprocess, **params.get(m, {})} for m in methods}
+    return {**params, **{m: {"preprocess": preprocess, **params.get(m, {})} for m in methods}}
 
 
 def explain_one(model, image: Any, method: str, target: Any, params: dict[str, dict]):

@@ -44,8 +44,9 @@ class TrustPanel(ipywidgets.VBox):
     After ``run()``: ``report`` (RandomizationReport), ``curves`` (method -> Curves, plus 'random',
     a random ranking as the control), ``agreement`` (Agreement), ``attributions`` (method -> Attribution),
     ``warnings`` (list of str). ``params`` maps method -> keyword arguments (``{"integrated_gradients":
-    {"steps": 16}}``); ``preprocess`` applies to every method (a model that carries none). The randomisation test recomputes every map once per layer group: seconds for small
-    models, longer for large ones with many groups (pass ``groups=[...]`` to test fewer).
+    {"steps": 16}}``); ``preprocess`` applies to every method (a model that carries none). The randomisation
+    test recomputes every map once per layer group: seconds for small models, longer for large ones with many
+    groups (pass ``groups=[...]`` to test fewer).
     """
 
     def __init__(self, model, image: Any, methods: Sequence[str] = DEFAULT_METHODS, *, target: Any = None,
