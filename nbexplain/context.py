@@ -20,7 +20,7 @@ from .folding import folded, folded_weights
 from .speed import Plan, plan, single_format
 from .kernels import substituted, substitutes
 from .stem import input_gradient_sum, input_stem, summed_at_stem
-from .tail import dead_tokens, pruned
+from .tail import Tail, dead_tokens, pruned
 
 
 def differentiable(score: torch.Tensor) -> torch.Tensor:
@@ -99,24 +99,31 @@ class Context:
 
         Passes of two or more samples run with BatchNorm folded and in the batched layout
         (``speed.plan``) once they are big enough for that to pay (``Plan.min_batch``): folding costs
-        about a batch-1 pass's saving (20-50 ms for resnet50 on the CPU), so it is done once per call.
-        Once the logits at x are known, a ViT's last block skips the tokens its head never reads
-        (``tail``): its check is a forward. Every pass runs exact equivalents of slow kernels (``kernels``: TF-"same"
-        depthwise convs unpadded, NCHW max-pooling in channels-last)."""
+        about a batch-1 pass's saving (20-50 ms for resnet50 on the CPU), so it is done once per call. A
+        one-sample pass runs the model's own convs and BatchNorms, so that an export made with
+        ``batch_size=1`` replays exactly (a first call cannot fold: the fold's check is two forwards, and a
+        folded ReLU6 net's maps move ~1e-3). A ViT's last block skips the tokens its head never reads (``_tail``). Every pass runs
+        exact equivalents of slow kernels (``kernels``: TF-"same" depthwise convs unpadded, NCHW max-pooling
+        in channels-last)."""
         swap = samples >= 2 and self.swaps_allowed
         pairs = list(self.plan.pairs) if swap and self._paying(samples) else []
         if pairs and self._folded is None:
             self._folded = folded_weights(pairs)
         fmt = self.layout(samples)
-        tail = self.tail if swap and self.logits is not None else None
+        tail = self._tail(samples)
         faster = self._substitutes if self.swaps_allowed else []
         with folded(pairs, self._folded or []), pruned(self.model, tail), substituted(faster):
             yield fmt
 
+    def prepare(self, samples: int) -> None:
+        """Probe now what a pass of ``samples`` takes (``passing``). Probing runs forwards, so a pass that hooks
+        the model calls this before its hooks go on: they would record the probe's passes too."""
+        self.layout(samples)
+        self._tail(samples)
+
     def layout(self, samples: int) -> torch.memory_format:
         """The input memory format of a pass of ``samples`` (a one-sample pass probes only when it pays:
-        ``single_format``). Probing runs forwards, so a pass that hooks the model asks for this before its
-        hooks go on: they would record the probe's passes too."""
+        ``single_format``)."""
         if samples < 2:
             return self._single
         return self.plan.memory_format if self._paying(samples) else torch.contiguous_format
@@ -125,6 +132,14 @@ class Context:
         """Whether a batched pass is big enough for the fast paths to pay (``Plan.min_batch``)."""
         return samples >= self.plan.min_batch
 
+    def _tail(self, samples: int) -> Tail | None:
+        """The ViT tail a pass of ``samples`` prunes: a batched pass once the logits at x are known probes
+        for it (more passes follow); a call's first pass, or a one-sample one, takes it where a probe was
+        made (``tail.dead_tokens``)."""
+        if not self.swaps_allowed:
+            return None
+        return self.tail if samples >= 2 and self.logits is not None else self._known_tail
+
     @cached_property
     def _substitutes(self) -> list:
         return substitutes(modules_of(self.model))
@@ -132,6 +147,10 @@ class Context:
     @cached_property
     def _single(self) -> torch.memory_format:
         return single_format(self.model, self.x)      # once per call: it counts the calls it declines to probe
+
+    @cached_property
+    def _known_tail(self) -> Tail | None:
+        return dead_tokens(self.model, self.x)      # once per call: it counts the calls it declines to probe
 
     def scores(self, xs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Target logits of a batch, without gradients, chunked."""
@@ -198,7 +217,7 @@ class Context:
         if at_x and len(xs) > self.batch_size:
             targets = self.targets
         grads, scores = [], []
-        self.layout(min(len(xs), self.batch_size))       # before ``hooks`` go on
+        self.prepare(min(len(xs), self.batch_size))       # before ``hooks`` go on
         for i in range(0, len(xs), self.batch_size):
             xi = xs[i:i + self.batch_size].detach().requires_grad_(True)
             with torch.enable_grad(), hooks():
@@ -226,9 +245,7 @@ class Context:
             return sum(w * g[j * n:(j + 1) * n] for j, w in enumerate(weights)), s
         total, scores = torch.zeros_like(self.x), []
         per_chunk = max(1, self.batch_size // n)
-        self.layout(2)       # probed now: the fast-path probe must not run through the swapped stem either
-        if self.logits is not None:
-            self.tail        # checked now: its probe must see the plain stem, not the swapped one
+        self.prepare(per_chunk * n)      # probed now: a probe must see the plain stem, not the swapped one
         for j in range(0, len(weights), per_chunk):
             rows = slice(j * n, (j + per_chunk) * n)
             with torch.enable_grad(), summed_at_stem(stem, n, weights[j:j + per_chunk]) as state:
@@ -319,7 +336,7 @@ class Context:
 
         x = self.x.detach().requires_grad_(input_grad)
         hw = tuple(x.shape[2:])
-        self.layout(len(x))
+        self.prepare(len(x))
         with torch.enable_grad() if gradients or input_grad else torch.no_grad(), \
                 forward_hooks((hooked[layer.name], hook_for(layer.name)) for layer in layers):
             logits = self.forward(x)
@@ -374,7 +391,7 @@ class Context:
             return record
 
         x = self.x.detach()
-        self.layout(len(x))
+        self.prepare(len(x))
         with unfused_attention(self.model), forward_hooks((m, hook(n)) for n, m in mods), \
                 torch.enable_grad() if gradients else torch.no_grad():
             logits = self.forward(x)

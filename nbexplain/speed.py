@@ -59,14 +59,22 @@ def single_format(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
     pay; but NHWC gains 6-11% at batch 1 on CPU nets with grouped convs (MobileNetV3, EfficientNet), so on
     such a net the second one-sample call at a shape probes, and every later call gains."""
     if once_per_shape(_CHOSEN, model, x, None, run=False) is None:
-        key = (tuple(x.shape[1:]), x.dtype, x.device)
-        declined = _DECLINED.setdefault(model, set())
-        if x.device.type != "cpu" or key not in declined or not _grouped(model):
-            if len(declined) >= _MAX_SHAPES:
-                declined.clear()
-            declined.add(key)
+        if x.device.type != "cpu" or not _grouped(model) or not repeated(model, x, "plan"):
             return torch.contiguous_format
     return plan(model, x).single
+
+
+def repeated(model: nn.Module, x: torch.Tensor, probe: str) -> bool:
+    """Whether a call at x's shape declined ``probe`` on this model before; records that this one did (a
+    probe that a first call should not pay runs on the second)."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device, probe)
+    declined = _DECLINED.setdefault(model, set())
+    if key in declined:
+        return True
+    if len(declined) >= 2 * _MAX_SHAPES:
+        declined.clear()
+    declined.add(key)
+    return False
 
 
 _DECLINED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()

@@ -126,9 +126,11 @@ def test_occlusion_equals_captum(zoo, arch, patch, stride):
     # order than captum's NCHW) show up at ~1e-6 of the map's range: compare at 1e-4
     one = explain(model, x, "occlusion", patch=patch, stride=stride, fill="zeros", batch_size=1)
     assert_close(one.raw, ref, atol_frac=1e-4)
-    # batched windows (the default) change only the convolutions' summation order
+    # batched windows (the default) change only the summation order: the convolutions', and on a ViT the
+    # last block's, which computes only the class token (``tail``) from the second call on: logits ~1e-7
+    # apart, 1e-4 of this random ViT's feeble map (5e-4 against logits up to 0.95)
     batched = explain(model, x, "occlusion", patch=patch, stride=stride, fill="zeros")
-    assert_close(batched.raw, ref, atol_frac=1e-4)
+    assert_close(batched.raw, ref, atol_frac=2e-4)
 
 
 def test_guided_backprop_equals_captum_on_resnet(zoo):

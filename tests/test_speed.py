@@ -452,9 +452,9 @@ def test_a_vits_last_block_computes_only_the_tokens_its_head_reads_with_the_same
         assert not any("forward" in m.__dict__ for m in model.modules()) and hook_count(model) == 0
 
 
-def test_with_a_hook_anywhere_in_the_vit_its_last_block_runs_whole():
+def test_with_a_hook_after_the_vits_last_attention_its_last_block_runs_whole():
     """A user's hook on the final norm reads every token of the last block's output: it must see what
-    the plain model computes there, so with any hook on the model nothing is pruned."""
+    the plain model computes there, so with such a hook (or one on the model) nothing is pruned."""
     model, x = make_model("vit"), make_input(1)
     inputs, outputs = [], []
     handles = [model.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach().clone())),
@@ -472,6 +472,46 @@ def test_with_a_hook_anywhere_in_the_vit_its_last_block_runs_whole():
             if not torch.isfinite(xi).all():
                 continue                      # the stem probe's NaN image
             assert_close(out, model.norm(model.blocks(model._pos_embed(model.patch_embed(xi)))))
+
+
+def test_one_sample_passes_of_a_vit_prune_its_tail_from_the_second_call_with_the_same_maps():
+    """A call's first pass has no logits at x to check the tail against: the second one-sample call at a
+    shape checks it with a plain forward of its own, and later calls run the last block's MLP on the class
+    token alone, Grad-CAM at the last block's norm1 included (that hook sees every token). A user's hook on
+    an earlier block sees the plain model's tensors and keeps the pruning; one on the final norm stops it."""
+    model, x = make_model("vit"), make_input(1)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    mlp, rows = model.blocks[-1].mlp, []
+    mlp.forward = lambda h: rows.append(h.shape[1]) or type(mlp).forward(mlp, h)
+    ref = Saliency(model).attribute(x.clone(), target=TARGET, abs=False)
+    try:
+        for expected in ([tokens], [tokens, 1, 1], [1]):
+            rows.clear()
+            got = nbx.attribute(model, x, "saliency", target=TARGET)[0].raw
+            assert rows == expected
+            assert_close(got, ref)
+        nbx.attribute(model, x, "gradcam", target=TARGET)        # a first CAM call finds the default layer
+        seen = []
+        early = model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        rows.clear()
+        cam = nbx.attribute(model, x, "gradcam", target=TARGET)[0]
+        early.remove()
+        assert rows == [1] and cam.meta["layer"] == f"blocks.{len(model.blocks) - 1}.norm1"
+        with torch.no_grad():
+            assert torch.equal(seen[0], model.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x)))))
+        rows.clear()
+        rollout = nbx.attribute(model, x, "grad_rollout", target=TARGET)[0]       # hooks every attn_drop
+        assert rows == [1]
+        late = model.norm.register_forward_hook(lambda m, a, out: None)
+        rows.clear()
+        whole = [nbx.attribute(model, x, method, target=TARGET)[0] for method in ("gradcam", "grad_rollout")]
+        late.remove()
+        assert rows == [tokens, tokens]
+        assert_close(cam.raw, whole[0].raw)
+        assert_close(rollout.raw, whole[1].raw)
+    finally:
+        del mlp.forward
+    assert hook_count(model) == 0
 
 
 def test_the_tail_follows_the_head_and_steps_aside_for_gradient_checkpointing():
