@@ -260,7 +260,11 @@ class Context:
     def swaps_allowed(self) -> bool:
         """Whether a pass may swap weights or forwards (folding, the stem sum, the ViT tail) for its duration:
         gradient checkpointing recomputes segments in the backward with the modules as they are then."""
-        return not any(getattr(m, "grad_checkpointing", False) is True for m in modules_of(self.model))
+        # a plain attribute (timm's) is read from the instance dict: getattr on a module without it raises inside
+        # nn.Module.__getattr__, 0.7 ms over EfficientNet-Lite0's 274 modules
+        return not any(m.__dict__.get("grad_checkpointing") is True
+                       or (hasattr(type(m), "grad_checkpointing") and getattr(m, "grad_checkpointing") is True)
+                       for m in modules_of(self.model))
 
     @cached_property
     def tail(self):

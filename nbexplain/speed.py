@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -85,15 +85,15 @@ def _grouped(model: nn.Module) -> bool:
 
 
 def once_per_shape(cache: weakref.WeakKeyDictionary, model: nn.Module, x: torch.Tensor, probe, extra: tuple = (),
-                   run: bool = True):
+                   run: bool | Callable[[], bool] = True):
     """``probe()``, run once per model, input shape and set of submodules: a submodule replaced since
     (a BN swapped for Identity) means a new probe, as does a change in ``extra`` (settings the probe
-    depends on). A model keeps at most 8 shapes (shapes seen are few). With ``run=False``: the result
-    if there is one, else None."""
+    depends on). A model keeps at most 8 shapes (shapes seen are few). With ``run=False`` (or a function
+    that says so when there is no result yet): the result if there is one, else None."""
     shapes = cache.setdefault(model, {})
     key = (tuple(x.shape[1:]), x.dtype, x.device, module_set(model), extra)
     if key not in shapes:
-        if not run:
+        if not (run() if callable(run) else run):
             return None
         if len(shapes) >= _MAX_SHAPES:
             shapes.clear()

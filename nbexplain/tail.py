@@ -43,9 +43,9 @@ def dead_tokens(model: nn.Module, x: torch.Tensor, logits: torch.Tensor | None =
     net = core(model)[1]
     # how the head pools is plain attributes (timm's global_pool), which the module ids do not show
     head = tuple(repr(getattr(net, a, None)) for a in ("global_pool", "pool_include_prefix", "num_prefix_tokens"))
-    probe = not _unsafe(model) and (logits is not None or repeated(model, x, "tail"))
     ref = None if logits is None else logits[:1]
-    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), ref), head, run=probe)
+    return once_per_shape(_FOUND, model, x, lambda: _probe(model, x[:1].detach(), ref), head,
+                          run=lambda: not _unsafe(model) and (ref is not None or repeated(model, x, "tail")))
 
 
 def _last_block(model: nn.Module) -> nn.Module | None:
