@@ -16,11 +16,13 @@ from .methods import REGISTRY, get as get_method
 from ._errors import closest, positive_int
 from .attribution import Attribution, display_map, normalise, on_image
 from .calls import eager, inputs_for, probabilities
+from .allocator import reusable_bytes
 from .context import Context
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
 from .layers import candidates, grid_extent, layer_name
 from .models import ModelInfo, describe, start_digest, weights_digest
+from .speed import plan
 
 TOPK = 5
 
@@ -104,11 +106,13 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                                  "pass one name per class, in the order of the model's outputs")
             return resolve_targets(target, seen, info.labels)
 
-        ctx = Context(model, x, choose, info.preprocess, batch_size or auto_batch_size(x, device),
-                      memo=memo if memo is not None else {}, progress=progress, layer_name=layer,
-                      keep_intermediates=keep_intermediates)
-        if batch_size is not None:       # chosen by the caller: replay uses it too (a pass of one sample runs
-            ctx.meta["batch_size"] = batch_size   # without the batched fast paths, whose maps differ by ~1e-3)
+        chunk = batch_size or auto_batch_size(x, device, model)
+        ctx = Context(model, x, choose, info.preprocess, chunk, memo=memo if memo is not None else {},
+                      progress=progress, layer_name=layer, keep_intermediates=keep_intermediates)
+        # chosen by the caller, or smaller than the main thread's (the widget's): replay uses it too (a pass of
+        # one sample runs without the batched fast paths, whose maps differ by ~1e-3)
+        if batch_size is not None or chunk != auto_batch_size(x, device):
+            ctx.meta["batch_size"] = chunk
         if len(x) > 1:                   # replay runs as many copies, so that its passes hold what these held
             ctx.meta["batch_images"] = len(x)
         if logits is not None:
@@ -132,13 +136,20 @@ def _warn_empty(ctx: Context, method: str) -> None:
              "what it reads (a layer after the last one the head uses)", stacklevel=4)
 
 
-def auto_batch_size(x: torch.Tensor, device: torch.device) -> int:
-    """Samples per forward/backward for expanded work (IG steps, noise samples, windows)."""
+def auto_batch_size(x: torch.Tensor, device: torch.device, model: nn.Module | None = None) -> int:
+    """Samples per forward/backward for expanded work (IG steps, noise samples, windows). Off the main thread
+    (the widget's) on the CPU, few enough that the model's largest activation stays in reusable memory
+    (``allocator.reusable_bytes``), once its fast-path probe has measured that activation."""
     pixels = x.shape[1] * x.shape[2] * x.shape[3]
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(max(8, min(256, free // (pixels * 4 * 400))))   # ~400 floats per pixel of activations
-    return int(max(4, min(64, (16 * 3 * 224 * 224) // pixels)))
+    chunk = int(max(4, min(64, (16 * 3 * 224 * 224) // pixels)))
+    limit = reusable_bytes(device)
+    peak = plan(model, x, probe=False).peak * x.element_size() if limit and model is not None else 0
+    fits = limit // peak if peak else 0
+    # a power of two: step and sample counts are, so no chunk is left with a remainder's short pass
+    return min(chunk, 1 << (fits.bit_length() - 1)) if fits >= 2 else chunk
 
 
 def resolve_targets(target: Any, logits: torch.Tensor, labels: Sequence[str] | None) -> torch.Tensor:

@@ -21,6 +21,7 @@ class Plan(NamedTuple):
     pairs: tuple[Pair, ...]               # (conv, BN) pairs whose folding was checked to keep the logits
     single: torch.memory_format = torch.contiguous_format   # for one-sample passes
     min_batch: int = 2                    # smaller passes run the plain model (``_min_batch``)
+    peak: int = 0                         # elements of the largest conv output, per sample (0: not measured)
 
 
 NCHW = Plan(torch.contiguous_format, ())
@@ -115,10 +116,12 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
         return out if isinstance(out, torch.Tensor) else None
 
     convs = [m for m in modules_of(model) if isinstance(m, nn.Conv2d)]
-    volume = [0]
+    volume, peak = [0], [0]
 
     def count(_module, _inputs, out):
-        volume[0] += out.numel() if isinstance(out, torch.Tensor) else 0
+        if isinstance(out, torch.Tensor):
+            volume[0] += out.numel()
+            peak[0] = max(peak[0], out.numel())
 
     with borrowed(model), torch.no_grad():
         ref: list[torch.Tensor | None] = []
@@ -132,8 +135,8 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
         fast = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
         for fmt, folds in dict.fromkeys([(fast, pairs), (torch.contiguous_format, pairs), (fast, ())]):
             if (fmt, folds) != NCHW and same_logits(run(fmt, folds), ref):
-                return Plan(fmt, folds, fmt if least <= 1 else torch.contiguous_format, max(2, least))
-    return NCHW
+                return Plan(fmt, folds, fmt if least <= 1 else torch.contiguous_format, max(2, least), peak[0])
+    return NCHW._replace(peak=peak[0])
 
 
 # Both paths cost in proportion to the conv weights (folding multiplies them once per call; a channels-last

@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
@@ -713,6 +714,45 @@ def test_overlapping_calls_in_two_threads_restore_the_settings_only_when_both_en
     assert during_other < pages // 10
     _idle()
     assert _resident_mib() < held - 64, "the free memory was not handed back once both calls ended"
+
+
+@glibc_only
+def test_another_threads_chunks_keep_the_largest_activation_within_glibcs_reusable_heaps():
+    """Off the main thread glibc maps every buffer over its 64 MiB heaps afresh (faulted in at each pass): the
+    widget's thread takes chunks whose largest conv output, measured by the fast-path probe, fits in 56 MiB
+    (a power of two); the main thread keeps the default chunk."""
+    def in_thread(f):
+        t = threading.Thread(target=f)
+        t.start()
+        t.join(120)
+
+    faults = []
+
+    def fresh_buffers():
+        with allocator.reused_memory(torch.device("cpu")):
+            faults.append(_page_faults_of_a_fresh_buffer(96 << 20))
+    in_thread(fresh_buffers)
+    assert faults[0] > (96 << 20) // 4096 // 2                # not reused, though the thresholds are raised
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 8, 3, stride=4),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    x = make_input(1, 224)                     # 64 x 224 x 224 floats = 12.8 MB a sample: 4 fit in 56 MiB
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    made = []
+    try:
+        for where, chunk in ((in_thread, 16), (in_thread, 4), (lambda f: f(), 16)):   # the first call probes
+            sizes.clear()
+            where(lambda: made.append(nbx.attribute(model, x, "integrated_gradients", target=TARGET, steps=16,
+                                                    baseline="zeros")[0]))
+            assert max(sizes) == chunk, (chunk, sizes)
+        sizes.clear()
+        again = nbx.replay(made[1].to_json(), model)              # on the main thread, in the export's chunks
+        assert max(sizes) == 4 and made[1].meta["batch_size"] == 4 and "batch_size" not in made[2].meta
+        np.testing.assert_array_equal(again.map, made[1].map)
+    finally:
+        handle.remove()
 
 
 def test_other_devices_and_a_tuned_malloc_are_left_alone(monkeypatch):

@@ -1,7 +1,6 @@
 """Trust: sanity checks, faithfulness, agreement, shortcut flags, provenance export and replay."""
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 from pathlib import Path
