@@ -128,6 +128,16 @@ class Context:
             return self._single
         return self.plan.memory_format if self._paying(samples) else torch.contiguous_format
 
+    def chunks(self, start: int, stop: int) -> list[range]:
+        """Copies ``start..stop`` of the batch (``len(x)`` samples each) in the fewest passes of at most
+        ``batch_size`` samples, their sizes within one of each other: a short last pass costs more per sample
+        (one of a single sample takes no batched fast path), so 25 SmoothGrad samples in passes of up to 8 run
+        as 6+6+6+7, not 8+8+8+1."""
+        most = max(1, self.batch_size // len(self.x))
+        passes = -(-(stop - start) // most)
+        ends = [start + (stop - start) * j // passes for j in range(passes + 1)] if passes > 0 else [start]
+        return [range(a, b) for a, b in zip(ends, ends[1:])]
+
     def _paying(self, samples: int) -> bool:
         """Whether a batched pass is big enough for the fast paths to pay (``Plan.min_batch``)."""
         return samples >= self.plan.min_batch

@@ -761,8 +761,9 @@ def test_the_methods_package_is_importable_and_nbx_methods_lists_it():
 
 
 def test_smoothgrad_with_fewer_samples_resumes_from_the_nearest_cached_chunk(zoo):
-    """The explorer keeps the running sums at every chunk end: after 50 samples, asking for 20 costs the
-    4 past the chunk end at 16 (it used to redraw all 20), and the map is the 20-sample one."""
+    """The explorer keeps the running sums at every chunk end: after 50 samples (in passes of 7 or 8:
+    ends 7, 14, 21...), asking for 20 costs the 6 past the chunk end at 14 (it used to redraw all 20), and
+    the map is the 20-sample one."""
     from nbexplain.api import compute
     from nbexplain.methods import get
     from nbexplain.models import describe
@@ -774,9 +775,25 @@ def test_smoothgrad_with_fewer_samples_resumes_from_the_nearest_cached_chunk(zoo
                             info=describe(model), batch_size=8, memo=memo, logits=logits, keep_intermediates=True)
     run(50)
     fewer = run(20)
-    assert fewer.meta["evaluations"] == 4
+    assert fewer.meta["evaluations"] == 6
     direct = nbx.attribute(model, x, "smoothgrad", samples=20, seed=5, target=7)
     torch.testing.assert_close(fewer.raw, direct[0].raw, rtol=1e-4, atol=1e-6)
+
+
+def test_expanded_work_runs_in_the_fewest_passes_of_even_sizes(zoo):
+    """25 SmoothGrad samples with batch_size=8 run as four passes of 6-7, not 8+8+8+1: a pass of one sample
+    takes none of the batched fast paths and costs more per sample. IG's 12 points likewise run as 6+6."""
+    model, x = zoo("resnet"), make_input()
+    sizes = []
+    handle = model.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    try:
+        nbx.attribute(model, x, "smoothgrad", samples=25, target=3, batch_size=8)
+        assert sorted(s for s in sizes if s > 1) == [6, 6, 6, 7], sizes
+        sizes.clear()
+        nbx.attribute(model, x, "integrated_gradients", steps=12, baseline="zeros", target=3, batch_size=8)
+        assert sorted(s for s in sizes if s > 2) == [6, 6], sizes      # (a pass of 2: x and the baseline)
+    finally:
+        handle.remove()
 
 
 def test_an_output_that_folds_positions_into_the_batch_is_no_cam_layer():

@@ -80,15 +80,15 @@ def path_gradient(ctx: Context, b: torch.Tensor, bkey: tuple, rule: str, steps: 
             total += w * grad
             seen[a] = score
         return total, seen
-    n, per_chunk = len(ctx.x), max(1, ctx.batch_size // len(ctx.x))
-    for i in range(0, len(alphas), per_chunk):
-        chunk = alphas[i:i + per_chunk]
+    n = len(ctx.x)
+    for part in ctx.chunks(0, len(alphas)):
+        chunk = alphas[part.start:part.stop]
         with ctx.quietly():
             g, s = ctx.input_grad_sum(path_batch(ctx, b, chunk), ctx.targets.repeat(len(chunk)),
-                                      weights[i:i + len(chunk)])
+                                      weights[part.start:part.stop])
         total += g
         seen.update({a: s[j * n:(j + 1) * n] for j, a in enumerate(chunk)})
-        report((i + len(chunk)) / len(alphas))
+        report(part.stop / len(alphas))
     return total, seen
 
 
@@ -99,13 +99,14 @@ def path_points(ctx: Context, b: torch.Tensor, bkey: tuple, alphas: list[float],
     n, tkey = len(ctx.x), tuple(ctx.targets.tolist())
     key = lambda a: point_key(bkey, tkey, a)  # noqa: E731
     todo = [a for a in alphas if store is None or key(a) not in store]
-    pending, per_chunk, fresh, done = set(todo), max(1, ctx.batch_size // n), {}, 0
+    pending, parts, fresh, done = set(todo), iter(ctx.chunks(0, len(todo))), {}, 0
     for a in alphas:
         if a not in pending:
             yield (a, *store[key(a)])
             continue
         if a not in fresh:                       # the next chunk of the points to compute
-            chunk = todo[done:done + per_chunk]
+            part = next(parts)
+            chunk = todo[part.start:part.stop]
             with ctx.quietly():
                 g, s = ctx.input_grads(path_batch(ctx, b, chunk), ctx.targets.repeat(len(chunk)))
             fresh = {c: (g[j * n:(j + 1) * n], s[j * n:(j + 1) * n]) for j, c in enumerate(chunk)}

@@ -54,12 +54,9 @@ def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int, s
     key = ("noise_tunnel", base, noise, seed, tuple(ctx.targets.tolist()), squares)
     done = max((k[-1] for k in ctx.memo if k[:-1] == key and k[-1] <= samples), default=0)
     total, sq = ctx.memo[key + (done,)] if done else (torch.zeros_like(ctx.x), torch.zeros_like(ctx.x))
-    n = len(ctx.x)
     span = ctx.x.flatten(1).amax(1) - ctx.x.flatten(1).amin(1)
     sigma = (noise * span).view(-1, *[1] * (ctx.x.ndim - 1))
-    per_chunk = max(1, ctx.batch_size // n)
-    for start in range(done, samples, per_chunk):
-        idx = range(start, min(samples, start + per_chunk))
+    for idx in ctx.chunks(done, samples):
         xs = torch.cat([ctx.x + sample_noise(ctx.x, sigma, seed, i) for i in idx])
         targets = ctx.targets.repeat(len(idx))
         with ctx.quietly():
@@ -70,7 +67,7 @@ def noise_sums(ctx: Context, base: str, samples: int, noise: float, seed: int, s
                 total = total + ctx.input_grad_sum(xs, targets, [1.0] * len(idx))[0]
         if ctx.keep_intermediates:   # the widget: a smaller count later resumes from the nearest chunk end
             ctx.memo[key + (idx[-1] + 1,)] = (total, sq)
-        ctx.report((start + len(idx) - done) / max(1, samples - done))
+        ctx.report((idx.stop - done) / max(1, samples - done))
     sq = sq if squares else None
     ctx.memo[key + (samples,)] = (total, sq)
     return total, sq
