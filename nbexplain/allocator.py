@@ -12,8 +12,8 @@ then faults in more than glibc's own reuse would have kept).
 Off where it cannot apply or the user chose: not Linux with glibc, thresholds set by the user
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES``), or another malloc
 preloaded (jemalloc, tcmalloc). A thread other than the main one allocates from its own glibc arena,
-whose heaps hold at most 64 MiB: a larger buffer there is still mapped afresh (the widget computes in a
-thread, so its passes gain less).
+whose heaps hold at most 64 MiB: a larger buffer there is still mapped afresh, so the widget, which
+computes in a thread, takes chunks that keep its buffers smaller (``reusable_bytes``).
 """
 from __future__ import annotations
 
