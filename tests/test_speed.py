@@ -267,6 +267,37 @@ def test_folding_is_exact_in_float64():
     torch.testing.assert_close(ours, ref, rtol=2e-7, atol=1e-7 * float(ref.abs().max()))
 
 
+def test_folded_weights_compute_conv_then_batchnorm_for_any_mix_of_dtypes_and_affine_terms():
+    """All pairs are folded together (one fused op per step); each pair's own dtypes and missing terms (a
+    conv bias, a BN without affine weights, half-precision weights or statistics) still give conv -> BN, and
+    a BN that lost its statistics is skipped."""
+    from nbexplain.folding import folded_weights
+    torch.manual_seed(0)
+    pairs = []
+    for conv_dtype, bn_dtype, bias, affine in ((torch.float32, torch.float32, True, False),
+                                               (torch.bfloat16, torch.float32, False, True),
+                                               (torch.float32, torch.bfloat16, False, True),
+                                               (torch.float64, torch.float64, True, True)):
+        conv, bn = nn.Conv2d(3, 4, 3, bias=bias).to(conv_dtype), nn.BatchNorm2d(4, affine=affine).eval()
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+        if affine:
+            bn.weight.data.normal_(), bn.bias.data.normal_()
+        pairs.append((conv, bn.to(bn_dtype)))
+    gone = nn.BatchNorm2d(4, track_running_stats=False).eval()
+    pairs.append((nn.Conv2d(3, 4, 3), gone))
+    folded = folded_weights(pairs)
+    assert folded[-1] is None
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for (conv, bn), (w, b) in zip(pairs[:-1], folded[:-1]):
+        assert w.dtype == b.dtype == conv.weight.dtype
+        tol = 1e-12 if conv.weight.dtype == torch.float64 else 3e-2 if torch.bfloat16 in (w.dtype, bn.running_var.dtype) \
+            else 1e-6
+        with torch.no_grad():
+            ref = bn.double()(conv.double()(x))            # (in place: the pair is not used again)
+            got = nn.functional.conv2d(x, w.double(), b.double())
+        assert_close(got, ref, rtol=tol, atol_frac=tol)
+
+
 def test_a_model_edited_after_the_probe_is_folded_as_it_is_now():
     """Replacing a BN (say, by Identity) or dropping its running statistics after a call must not leave
     the old BN's statistics folded into its conv."""
