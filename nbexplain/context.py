@@ -102,9 +102,9 @@ class Context:
         about a batch-1 pass's saving (20-50 ms for resnet50 on the CPU), so it is done once per call. A
         one-sample pass runs the model's own convs and BatchNorms, so that an export made with
         ``batch_size=1`` replays exactly (a first call cannot fold: the fold's check is two forwards, and a
-        folded ReLU6 net's maps move ~1e-3). A ViT's last block skips the tokens its head never reads (``_tail``). Every pass runs
-        exact equivalents of slow kernels (``kernels``: TF-"same" depthwise convs unpadded, NCHW max-pooling
-        in channels-last)."""
+        folded ReLU6 net's maps move ~1e-3). A ViT's last block skips the tokens its head never reads
+        (``_tail``). Every pass runs exact equivalents of slow kernels (``kernels``: TF-"same" depthwise
+        convs unpadded, NCHW max-pooling in channels-last)."""
         swap = samples >= 2 and self.swaps_allowed
         pairs = list(self.plan.pairs) if swap and self._paying(samples) else []
         if pairs and self._folded is None:

@@ -95,7 +95,7 @@ def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor] 
     # back); all fp32, the common case, converts nothing
     dts = [torch.promote_types(conv.weight.dtype, torch.float32) for conv, _ in live]
     same = all(dt == torch.float32 and bn.running_var.dtype == torch.float32 for dt, (_, bn) in zip(dts, live))
-    low = any(conv.weight.dtype not in (torch.float32, torch.float64) for conv, _ in live)
+    low = any(dt != conv.weight.dtype for dt, (conv, _) in zip(dts, live))       # cast back
 
     def f32(ts: list) -> list:
         return ts if same else [t if t is None else t.to(dt) for t, dt in zip(ts, dts)]

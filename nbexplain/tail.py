@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .calls import call
-from .hygiene import global_hooks, hooked
+from .hygiene import global_hooks, hooked, modules_of
 from .layers import core
 from .speed import once_per_shape, repeated, same_logits
 
@@ -108,7 +108,7 @@ def _candidates(net: nn.Module) -> list[int]:
 def _unsafe(model: nn.Module, whole: frozenset = frozenset()) -> bool:
     """A hook may read the block's dead tokens (or any module after it): then the model runs whole. Hooks on
     ``whole`` modules (the CAM layer at the last block's norm1, the attention maps) see the same tensors."""
-    return global_hooks() or any(hooked(m) and m not in whole for m in model.modules())
+    return global_hooks() or any(hooked(m) and m not in whole for m in modules_of(model))
 
 
 @contextmanager

@@ -290,8 +290,8 @@ def test_folded_weights_compute_conv_then_batchnorm_for_any_mix_of_dtypes_and_af
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     for (conv, bn), (w, b) in zip(pairs[:-1], folded[:-1]):
         assert w.dtype == b.dtype == conv.weight.dtype
-        tol = 1e-12 if conv.weight.dtype == torch.float64 else 3e-2 if torch.bfloat16 in (w.dtype, bn.running_var.dtype) \
-            else 1e-6
+        half = torch.bfloat16 in (w.dtype, bn.running_var.dtype)
+        tol = 1e-12 if conv.weight.dtype == torch.float64 else 3e-2 if half else 1e-6
         with torch.no_grad():
             ref = bn.double()(conv.double()(x))            # (in place: the pair is not used again)
             got = nn.functional.conv2d(x, w.double(), b.double())
