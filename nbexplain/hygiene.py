@@ -141,6 +141,13 @@ def hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+def global_hook_keys() -> tuple[int, ...]:
+    """The handles of the hooks registered for every module: they change what a forward computes."""
+    g = nn.modules.module
+    return tuple(k for d in (g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+                             g._global_backward_pre_hooks) for k in d)
+
+
 def global_hooks() -> bool:
     """Whether hooks registered for every module are set (``nn.modules.module.register_module_forward_hook``
     and kin): they see every module, so no fast path may change what runs."""

@@ -21,12 +21,14 @@ from .models import describe, register, tensor_key
 class Replica:
     """``get()``: the copy of ``model``, made again whenever the model is no longer what it copied.
     ``refresh()`` does the same check and returns the tensors and their versions (the widget's fingerprint),
-    so a widget update walks the model once; ``copy`` is the copy as of the last check."""
+    so a widget update walks the model once; ``copy`` is the copy as of the last check; ``generation``
+    counts the copies made (a new one: new modules, hooks or forward overrides, which change the maps)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self._copy: nn.Module | None = None
         self._layout: tuple | None = None
+        self.generation = 0
         self._lock = threading.Lock()
 
     def get(self) -> nn.Module:
@@ -46,6 +48,7 @@ class Replica:
             layout, tensors = _walk(self.model)
             if layout != self._layout:
                 self._copy, self._layout = settle(_copy(self.model)), layout
+                self.generation += 1
                 if self._copy is not self.model:
                     register(self._copy, describe(self.model))   # the labels and preprocessing it was given
             return tensor_key(tensors, values=False), tensors

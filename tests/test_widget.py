@@ -413,6 +413,35 @@ def test_weights_changed_in_place_recompute_a_cached_setting(images):
     w.close()
 
 
+def test_a_hook_added_or_removed_recomputes_a_cached_setting(images):
+    model = nbx.load_model("synthetic-cnn")
+    w = nbx.explain(model, images, method="saliency")
+    w.wait()
+    shown, other = w.result.target, (w.result.target + 1) % 4
+    change(w, target=shown)
+    before = w.result.map.copy()
+    change(w, target=other)
+    handle = model.layer1.register_forward_hook(lambda m, i, o: o * 0.5)    # the user ablates a layer
+    assert change(w, target=shown) >= {"forward", "attribution"}            # was cached before the hook
+    np.testing.assert_allclose(w.result.map, nbx.attribute(model, images[0], "saliency", target=shown).map,
+                               atol=1e-5)
+    assert not np.allclose(w.result.map, before, atol=1e-3)
+    handle.remove()
+    assert change(w, target=other) >= {"forward", "attribution"}
+    assert "attribution" in change(w, target=shown)
+    np.testing.assert_allclose(w.result.map, before, atol=1e-5)
+    # a hook on every module (torch's global registry) changes the maps as well
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o.clamp(max=0.05) if isinstance(m, torch.nn.ReLU) else None)
+    try:
+        assert change(w, target=other) >= {"forward", "attribution"}
+        change(w, target=shown)
+        assert not np.allclose(w.result.map, before, atol=1e-3)
+    finally:
+        handle.remove()
+    w.close()
+
+
 def test_reselecting_a_cached_setting_reads_the_weights_once(cnn, images):
     w = nbx.explain(cnn, images)
     w.wait()
