@@ -11,13 +11,14 @@ from typing import Any, Callable, MutableMapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointError
 
 from .methods import REGISTRY, get as get_method
 from ._errors import closest, positive_int
 from .attribution import Attribution, display_map, normalise, on_image
 from .calls import eager, inputs_for, probabilities
 from .allocator import reusable_bytes
-from .context import Context
+from .context import DISCONNECTED, REENTRANT, Context, recomputes_segments
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, prepare
 from .layers import candidates, grid_extent, layer_name
@@ -107,17 +108,34 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             return resolve_targets(target, seen, info.labels)
 
         chunk = batch_size or auto_batch_size(x, device, model)
-        ctx = Context(model, x, choose, info.preprocess, chunk, memo=memo if memo is not None else {},
-                      progress=progress, layer_name=layer, keep_intermediates=keep_intermediates)
-        # chosen by the caller, or smaller than the main thread's (the widget's): replay uses it too (a pass of
-        # one sample runs without the batched fast paths, whose maps differ by ~1e-3)
-        if batch_size is not None or chunk != auto_batch_size(x, device):
-            ctx.meta["batch_size"] = chunk
-        if len(x) > 1:                   # replay runs as many copies, so that its passes hold what these held
-            ctx.meta["batch_images"] = len(x)
-        if logits is not None:
-            ctx.seen(logits.to(device))
-        raw = spec.fn(ctx, **params)
+
+        def run() -> tuple[Context, torch.Tensor]:
+            ctx = Context(model, x, choose, info.preprocess, chunk, memo=memo if memo is not None else {},
+                          progress=progress, layer_name=layer, keep_intermediates=keep_intermediates)
+            # chosen by the caller, or smaller than the main thread's (the widget's): replay uses it too (a pass
+            # of one sample runs without the batched fast paths, whose maps differ by ~1e-3)
+            if batch_size is not None or chunk != auto_batch_size(x, device):
+                ctx.meta["batch_size"] = chunk
+            if len(x) > 1:               # replay runs as many copies, so that its passes hold what these held
+                ctx.meta["batch_images"] = len(x)
+            if logits is not None:
+                ctx.seen(logits.to(device))
+            return ctx, spec.fn(ctx, **params)
+
+        try:
+            ctx, raw = run()
+        except CheckpointError:
+            # the model checkpoints a segment itself (torch.utils.checkpoint): its backward recomputed the
+            # segment with the pass's swapped weights put back. Known now, passes swap nothing on it.
+            if not recomputes_segments(model):
+                raise
+            ctx, raw = run()
+        except RuntimeError as e:
+            if "use_reentrant=True" in str(e):
+                raise ValueError(REENTRANT) from e
+            if "not have been used in the graph" in str(e):
+                raise ValueError(DISCONNECTED) from e
+            raise
         if not bool(raw.any()) and not ctx.meta.get("warnings"):   # a method that says why has said so
             _warn_empty(ctx, spec.name)
         # a map on a ViT's patch grid that covers more (or less) than the input: where to lay it

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,13 +24,32 @@ from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import Tail, dead_tokens, pruned
 
 
+REENTRANT = ("model: it runs a segment through torch.utils.checkpoint with use_reentrant=True, which input "
+             "gradients (torch.autograd.grad) cannot pass; call checkpoint(..., use_reentrant=False), or turn "
+             "checkpointing off while explaining (timm: model.set_grad_checkpointing(False))")
+DISCONNECTED = ("model: its scores do not reach the input through differentiable operations (a quantized or "
+                "integer layer, or a detach, cuts the path), so gradient methods cannot run; use 'occlusion' or "
+                "'scorecam', which need forward passes only, or explain the float model")
+_RECOMPUTING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
 def differentiable(score: torch.Tensor) -> torch.Tensor:
     """``score``, or an error that says why the model's output carries no gradient."""
     if not score.requires_grad:
         raise ValueError("model: its scores carry no gradient (its forward runs under torch.no_grad(), detaches "
-                         "its output or returns integers), so gradient methods cannot run; return differentiable "
-                         "logits, or use 'occlusion', which needs forward passes only")
+                         "its output, returns integers or checkpoints with use_reentrant=True), so gradient "
+                         "methods cannot run; return differentiable logits, or use 'occlusion', which needs "
+                         "forward passes only")
     return score
+
+
+def recomputes_segments(model: nn.Module) -> bool:
+    """Remember that ``model``'s backward recomputes segments (``torch.utils.checkpoint`` in its forward, which
+    a torch ``CheckpointError`` revealed): its passes swap nothing from now on. False if already known."""
+    if model in _RECOMPUTING:
+        return False
+    _RECOMPUTING.add(model)
+    return True
 
 
 @dataclass
@@ -269,10 +289,11 @@ class Context:
     @cached_property
     def swaps_allowed(self) -> bool:
         """Whether a pass may swap weights or forwards (folding, the stem sum, the ViT tail) for its duration:
-        gradient checkpointing recomputes segments in the backward with the modules as they are then."""
+        gradient checkpointing (timm's flag, or ``torch.utils.checkpoint`` found by ``recomputes_segments``)
+        recomputes segments in the backward with the modules as they are then."""
         # a plain attribute (timm's) is read from the instance dict: getattr on a module without it raises inside
         # nn.Module.__getattr__, 0.7 ms over EfficientNet-Lite0's 274 modules
-        return not any(m.__dict__.get("grad_checkpointing") is True
+        return self.model not in _RECOMPUTING and not any(m.__dict__.get("grad_checkpointing") is True
                        or (hasattr(type(m), "grad_checkpointing") and getattr(m, "grad_checkpointing") is True)
                        for m in modules_of(self.model))
 

@@ -400,9 +400,29 @@ def _known_digest(model: nn.Module, key: tuple) -> str | None:
 _HASHER: ThreadPoolExecutor | None = None
 
 
-def _sha256(state: dict[str, torch.Tensor]) -> str:
+def _sha256(state: dict[str, Any]) -> str:
     h = hashlib.sha256()
-    for name, t in state.items():
+    for name, value in state.items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+        _hash_value(h, value)
     return h.hexdigest()
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """A state-dict entry's bytes: a tensor's, a quantized tensor's integers and scales, or (what a quantized
+    module keeps beside them: a dtype, a tuple of packed tensors) each item's, or its repr."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+        if t.is_quantized:
+            h.update(repr(t.qscheme()).encode())
+            if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                h.update(repr((t.q_scale(), t.q_zero_point())).encode())
+            else:
+                _hash_value(h, (t.q_per_channel_scales(), t.q_per_channel_zero_points(), t.q_per_channel_axis()))
+            t = t.int_repr()
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _hash_value(h, item)
+    else:
+        h.update(repr(value).encode())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -711,3 +712,28 @@ def test_explain_batch_checks_true_labels_and_takes_class_names(cnn):
     result = nbx.explain_batch(cnn, images, "saliency", true_labels=["kind 7", torch.tensor(3)], preprocess=pre,
                                labels=labels)
     assert [item.true_label for item in result.items] == [7, 3]
+
+
+def test_a_dynamically_quantized_model_gets_forward_methods_and_a_clear_error_for_gradients():
+    """Its state dict holds a dtype and packed tensors beside tensors (the digest raised AttributeError), and
+    a quantized layer passes no gradient (torch's 'not used in the graph')."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with warnings.catch_warnings():                    # torch deprecates eager-mode quantization
+        warnings.simplefilter("ignore")
+        quantized = torch.ao.quantization.quantize_dynamic(net, {nn.Linear})
+    x = torch.randn(3, 32, 32)
+    digests = {nbx.attribute(quantized, x, m).meta["weights_sha256"] for m in ("occlusion", "scorecam")}
+    assert len(digests) == 1
+    with torch.no_grad(), warnings.catch_warnings():   # another quantized weight: another digest
+        warnings.simplefilter("ignore")
+        other = torch.ao.quantization.quantize_dynamic(net, {nn.Linear})
+        net[4].weight.mul_(2)
+        changed = torch.ao.quantization.quantize_dynamic(net, {nn.Linear})
+    assert nbx.attribute(other, x, "occlusion").meta["weights_sha256"] in digests
+    assert nbx.attribute(changed, x, "occlusion").meta["weights_sha256"] not in digests
+    for method in ("saliency", "integrated_gradients"):
+        with pytest.raises(ValueError, match="'occlusion'"):
+            nbx.attribute(quantized, x, method, baseline="zeros") if method == "integrated_gradients" else \
+                nbx.attribute(quantized, x, method)

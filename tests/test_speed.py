@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -605,6 +606,47 @@ def test_with_gradient_checkpointing_no_pass_swaps_weights_or_forwards():
             assert cams[0].meta["layer"] == ref[0].meta["layer"]
             assert_close(torch.cat([a.raw for a in cams]), torch.cat([a.raw for a in ref]))
         assert model.grad_checkpointing and hook_count(model) == 0
+
+
+class Checkpointed(nn.Module):
+    """A conv -> BatchNorm -> ReLU segment run through torch.utils.checkpoint in the model's own forward."""
+
+    def __init__(self, reentrant: bool | None = False):
+        super().__init__()
+        self.reentrant = reentrant           # None: no checkpoint (the reference)
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3)
+        self.fc = nn.Linear(16, 10)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def features(self, x):
+        return torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+    def forward(self, x):
+        if self.reentrant is None:
+            return self.fc(self.features(x).mean((2, 3)))
+        segment = torch.utils.checkpoint.checkpoint(self.features, x, use_reentrant=self.reentrant)
+        return self.fc(segment.mean((2, 3)))
+
+
+def test_a_model_that_checkpoints_in_its_own_forward_gets_the_plain_models_maps():
+    """torch.utils.checkpoint has no flag to read: its backward recomputed the segment with folded BatchNorm put
+    back ('Recomputed values ... have different metadata'). The error tells, and the call runs again unswapped."""
+    torch.manual_seed(0)
+    plain = Checkpointed(None).eval()
+    model = Checkpointed().eval()
+    model.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    for method, kw in (("saliency", {}), ("integrated_gradients", dict(steps=8, baseline="zeros")),
+                       ("smoothgrad", dict(samples=4)), ("gradcam", dict(layer="conv2"))):
+        got, ref = (torch.cat([a.raw for a in nbx.attribute(m, x, method, target=2, **kw)]) for m in (model, plain))
+        assert_close(got, ref)
+    assert hook_count(model) == 0 and not model.training
+    reentrant = Checkpointed(True).eval()
+    for method, kw in (("saliency", {}), ("integrated_gradients", dict(baseline="zeros")), ("guided_backprop", {})):
+        with warnings.catch_warnings(), pytest.raises(ValueError, match="use_reentrant"):
+            warnings.simplefilter("ignore")          # torch's own, on inputs that need no gradient
+            nbx.attribute(reentrant, x, method, **kw)
 
 
 def test_a_folded_batchnorm_activation_never_rewrites_the_conv_output():
