@@ -283,20 +283,20 @@ def tensor_key(tensors: list[torch.Tensor], values: bool = True) -> tuple[int, .
 
 
 def value_fingerprint(tensors: list[torch.Tensor]) -> int:
-    """A hash of every float tensor's norm and every other tensor's bytes. An edit through ``.data`` (or a
-    numpy view) bumps no version counter: hand-written SGD (``p.data -= lr * p.grad``), a class's head row or
-    a channel zeroed to ablate it. Three sampled values per tensor missed the last two, which left a stale
-    weights digest (replay accepted the edited model) and a stale widget map. The norms read every value,
-    one ``_foreach_norm`` per device and dtype (a fused kernel on a GPU, a loop in C++ on the CPU): 8 ms for
-    resnet50's 100 MB on one CPU thread, 3 ms for EfficientNet-Lite0's 250 tensors. An edit that keeps a
-    tensor's norm (a permutation, a sign flip) still goes unseen."""
+    """A hash of every float tensor's sum and every other tensor's bytes. An edit through ``.data`` (or a
+    numpy view) bumps no version counter: hand-written SGD (``p.data -= lr * p.grad``), a class's head row
+    or a channel zeroed to ablate it, a layer's sign flipped. Three sampled values per tensor missed the
+    zeroed row and channel, which left a stale weights digest (replay accepted the edited model) and a stale
+    widget map; norms missed the sign flip. The sums read every value (on one CPU thread 6 ms for resnet50's
+    100 MB, 7 ms for its norms); an edit that keeps a tensor's sum (a permutation of its values) still goes
+    unseen."""
     return fingerprint_of(fingerprint_groups(tensors))
 
 
 class Groups(NamedTuple):
     """``value_fingerprint``'s tensors sorted by how their values are read (which does not change while
     the tensors stay the same objects: the widget sorts them once, then reads them at every change)."""
-    floats: list[list[torch.Tensor]]     # one list per device and dtype: their norms
+    floats: list[list[torch.Tensor]]     # one list per device and dtype: their sums
     counts: list[torch.Tensor]           # one-element CPU tensors (BatchNorm's batch counters)
     scalars: list[list[torch.Tensor]]    # one-element tensors on another device: one copy back each device
     tables: list[torch.Tensor]           # other non-float tensors (index tables): their bytes
@@ -331,12 +331,14 @@ def fingerprint_of(groups: Groups) -> int:
         for group in groups.scalars:
             h.update(torch.stack([t.reshape(()).double() for t in group]).cpu().numpy().tobytes())
         for group in groups.floats:
+            # half precision summed in fp32: a bf16 sum of a large tensor would round most edits away
+            wide = torch.float32 if group[0].element_size() < 4 else None
             try:
-                norms = torch.stack(torch._foreach_norm(group)).float()
-            except (RuntimeError, NotImplementedError):    # a dtype or layout the fused kernel lacks
-                norms = torch.stack([t.float().norm() if t.layout == torch.strided else t.new_zeros(())
-                                     for t in group]).float()
-            h.update(norms.cpu().numpy().tobytes())
+                sums = torch.stack([t.sum(dtype=wide) for t in group])
+            except (RuntimeError, NotImplementedError):    # a dtype or layout without a sum kernel
+                sums = torch.stack([t.float().sum() if t.layout == torch.strided else t.new_zeros(())
+                                    for t in group])
+            h.update(sums.double().cpu().numpy().tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
@@ -348,7 +350,7 @@ def weights_digest(model: nn.Module, pending: Future | None = None) -> str:
 
 def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
     """Begin ``weights_digest`` in a worker thread, so that it overlaps the attribution's passes (hashlib
-    and the norms release the GIL; on a GPU the CPU is idle meanwhile). The tensors and their versions are
+    and the sums release the GIL; on a GPU the CPU is idle meanwhile). The tensors and their versions are
     taken now: a pass that swaps a module's weights (BatchNorm folding) does not touch them, and a tensor
     changed in place after this call changes the key of the next. ``key``: ``tensor_key`` of the model's
     tensors, where the caller has just computed it (the widget's fingerprint): a digest already made under
@@ -370,7 +372,7 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
 
 def _digest(model: nn.Module, key: tuple | None, tensors: list | None, versions: tuple | None,
             state: dict[str, torch.Tensor]) -> str:
-    """The worker's part of ``start_digest``: the key's norms, then the cached digest or a new one."""
+    """The worker's part of ``start_digest``: the key's sums, then the cached digest or a new one."""
     key = (*versions, value_fingerprint(tensors)) if key is None else key
     digest = _known_digest(model, key)
     if digest is None:

@@ -169,7 +169,7 @@ class Session:
     # --- API ---------------------------------------------------------------------------------------
     def evaluate(self, state: dict, stage: str = "display") -> tuple[Any, list[Record]]:
         """``stage`` for ``state``. The weights are checked first: their layout and in-place versions on
-        this thread, their values (``value_fingerprint``: the norms of every tensor, which an edit through
+        this thread, their values (``value_fingerprint``: the sums of every tensor, which an edit through
         ``.data`` changes without a version) on a worker thread while the graph evaluates under the last
         fingerprint, when nothing else changed since. Values found changed drop whatever was cached and
         the evaluation runs again under the new fingerprint. (A CAM layer switch on EfficientNet-Lite0:

@@ -957,15 +957,18 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     assert weights_digest(model) == sha(model) != exported.meta["weights_sha256"]
     with pytest.raises(ValueError, match="weights differ"):
         nbx.replay(exported.to_json(), model)
-    # edits of a part of a tensor: a class's head row zeroed, a channel ablated through a numpy view
+    # edits of a part of a tensor: a class's head row zeroed, a channel ablated through a numpy view; a sign
+    # flipped (which keeps every norm), of a tensor and of a single value
     for edit in (lambda: model.fc.weight.data[1].zero_(),
-                 lambda: model.layer3[0].conv1.weight.detach().numpy().__setitem__(7, 0.0)):
+                 lambda: model.layer3[0].conv1.weight.detach().numpy().__setitem__(7, 0.0),
+                 lambda: model.fc.weight.data.neg_(),
+                 lambda: model.layer2[0].conv2.weight.data[3, 2, 1, 1].neg_()):
         exported = nbx.attribute(model, make_input(1, 64)[0], "saliency", target=1)
         edit()
         assert weights_digest(model) == sha(model) != exported.meta["weights_sha256"]
         with pytest.raises(ValueError, match="weights differ"):
             nbx.replay(exported.to_json(), model)
-    # channels-last weights are not read in place but by their norms (as a GPU's are)
+    # channels-last weights are not read in place but by their sums (as a GPU's are)
     model = model.to(memory_format=torch.channels_last)
     before = weights_digest(model)
     for p in model.parameters():
