@@ -20,7 +20,7 @@ from .calls import eager, inputs_for, probabilities
 from .allocator import reusable_bytes
 from .context import DISCONNECTED, REENTRANT, Context, recomputes_segments
 from .hygiene import borrowed, full_precision, model_device
-from .images import Prepared, Preprocess, prepare
+from .images import Prepared, Preprocess, all_finite, prepare
 from .layers import candidates, grid_extent, layer_name
 from .models import ModelInfo, describe, start_digest, weights_digest
 from .speed import plan
@@ -120,7 +120,7 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                 ctx.meta["batch_images"] = len(x)
             if logits is not None:
                 ctx.seen(logits.to(device))
-            return ctx, spec.fn(ctx, **params)
+            return ctx, spec.checked(spec.fn(ctx, **params), x)
 
         try:
             ctx, raw = run()
@@ -136,6 +136,10 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             if "not have been used in the graph" in str(e):
                 raise ValueError(DISCONNECTED) from e
             raise
+        if not all_finite(raw):
+            ctx.warn(f"{spec.name}: the attribution holds NaN or infinite values, shown as 0; the gradients "
+                     "overflowed or the method divided by zero", stacklevel=3)
+            raw = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
         if not bool(raw.any()) and not ctx.meta.get("warnings"):   # a method that says why has said so
             _warn_empty(ctx, spec.name)
         # a map on a ViT's patch grid that covers more (or less) than the input: where to lay it

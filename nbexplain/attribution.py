@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._errors import positive_int
 from .images import area_resize, shrunk_size, to_original_grid
 
 
@@ -57,6 +58,7 @@ class Attribution:
         """This attribution with its image and map shrunk so the longer side is at most ``max_side``
         (area-averaged); itself when already that small. A 12-megapixel photo's image and map take
         84 MB, so a batch over a folder of photos keeps them at display size instead."""
+        max_side = positive_int("max_side", max_side, "the longer side in pixels, e.g. 512")
         h, w = self.map.shape
         size = shrunk_size(h, w, max_side)
         if size == (h, w):

@@ -204,7 +204,11 @@ def _warn_if_other_code(d: dict, model: torch.nn.Module) -> None:
         if d.get(key) not in (None, value):
             warnings.warn(f"replay: the export was computed with {key} {d[key]!r} and this is {value!r} (the same "
                           "weights); if their layers compute differently, so does the map", stacklevel=3)
-    exported = (d.get("versions") or {}).get("nbexplain")
+    versions = d.get("versions") or {}
+    if not isinstance(versions, dict):
+        raise ValueError(f"replay: the export's versions field is corrupt (expected a mapping, got "
+                         f"{type(versions).__name__}); export the attribution again")
+    exported = versions.get("nbexplain")
     if exported not in (None, __version__):
         warnings.warn(f"replay: the export was computed with nbexplain {exported} and this is {__version__}; a "
                       "method's defaults or numerics may have changed since", stacklevel=3)
@@ -236,6 +240,9 @@ def _document(doc: Any) -> Any:
                              "pass a file written by exp.save(...)") from None
     if not isinstance(doc, (str, bytes)):
         return doc
+    if isinstance(doc, str) and "\n" not in doc and not doc.lstrip().startswith(("{", "[")):
+        raise ValueError(f"replay: {doc!r} is neither JSON text nor the path of a .json, .png or .npz export; pass "
+                         "exp.to_json(), its dict, or such a file written by exp.save(...)")
     try:
         return json.loads(doc)
     except ValueError as e:
@@ -250,6 +257,9 @@ def _tensor_param(name: str, note: dict, given, stored) -> torch.Tensor:
     if given is None and stored is None:
         raise ValueError(f"replay: {name} was a tensor {tuple(note['tensor'])} that this export does not carry "
                          f"(only its hash); pass it again: replay(..., {name}=<the tensor>)")
+    if given is not None and not isinstance(given, (torch.Tensor, np.ndarray)):
+        raise ValueError(f"replay: {name} was a tensor in the export; pass a tensor ({name}=<the tensor>) or "
+                         f"nothing, to use the export's own, not {given!r}")
     t = torch.as_tensor(given) if given is not None else _from_npy(stored)
     if tensor_note(t)["sha256"] != note["sha256"]:
         raise ValueError(f"replay: {name} differs from the tensor the attribution was computed with (sha256 mismatch)")

@@ -44,8 +44,16 @@ class Preprocess:
             raise ValueError(f"Preprocess(crop_pct={self.crop_pct!r}): the crop's share of the resized picture, "
                              "a number from 0.1 to 4 (timm's default 0.875; 1.0 keeps it all; VOLO's 1.15 pads)")
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            try:
+                numbers = tuple(float(v) for v in (value if np.ndim(value) else (value,)))
+            except (TypeError, ValueError):
+                numbers = ()
+            if isinstance(value, str) or not numbers or not all(math.isfinite(v) for v in numbers):
+                raise ValueError(f"Preprocess({name}={value!r}): one finite number per input channel, e.g. "
+                                 f"{name}={IMAGENET_MEAN if name == 'mean' else IMAGENET_STD}")
+            object.__setattr__(self, name, numbers)
         if self.interpolation not in _INTERP:
             raise ValueError(f"Preprocess(interpolation={self.interpolation!r}): use one of {sorted(_INTERP)}")
         if self.crop_mode not in ("center", "squash", "border"):
@@ -115,7 +123,9 @@ def to_pil(image: Any) -> Image.Image:
     """Path, PIL image (any mode, EXIF-rotated) or HWC numpy array -> PIL RGB."""
     if isinstance(image, (str, os.PathLike)):
         if not os.path.exists(image):
-            raise FileNotFoundError(f"image: no file at {os.fspath(image)!r}")
+            url = str(image).lower().startswith(("http://", "https://", "ftp://"))
+            raise FileNotFoundError(f"image: no file at {os.fspath(image)!r}" + (
+                "; nbexplain reads local files only: download the picture first and pass its path" if url else ""))
         if os.path.isdir(image):
             raise ValueError(f"image: {os.fspath(image)!r} is a folder; pass one picture's path, or explain a "
                              "whole folder with nbx.explain_batch(model, folder)")
@@ -244,6 +254,8 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _prepare_tensor(t: torch.Tensor, preprocess: Preprocess | None) -> Prepared:
+    if t.layout != torch.strided:
+        raise ValueError(f"images: a {t.layout} tensor holds its values sparsely; pass t.to_dense()")
     if t.ndim == 3:
         t = t[None]
     if t.ndim != 4:

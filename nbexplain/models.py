@@ -213,7 +213,16 @@ def _load_timm(name: str, weights, pretrained: bool, **kwargs: Any) -> nn.Module
         return _load_timm_pretrained(name, **kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if weights is not None:
-        model.load_state_dict(_read_weights(weights), strict=True)
+        state = _read_weights(weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            head = model.get_classifier() if hasattr(model, "get_classifier") else None
+            classes = getattr(head, "out_features", None)
+            hint = f" (the checkpoint's head may have another class count than this model's {classes}: pass " \
+                "num_classes=...)" if classes and "size mismatch" in str(e) else ""
+            raise ValueError(f"weights: {os.fspath(weights)!r} does not fit timm's {name!r}{hint}; "
+                             f"{str(e).strip()}") from None
     return model.eval()
 
 
@@ -245,13 +254,26 @@ def _read_weights(path) -> dict:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"weights: no file at {path!r}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # noqa: BLE001 - pickle, zip and safetensors each raise their own kinds
+        raise ValueError(f"weights: {path!r} could not be read as a state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); save one with "
+                         "torch.save(model.state_dict(), path) or safetensors' save_file") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights: {path!r} holds {type(state).__name__}, not a state dict of tensors; save one "
+                         "with torch.save(model.state_dict(), path)")
+    # saved from DistributedDataParallel or DataParallel: every key starts with 'module.'
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 

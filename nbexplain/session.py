@@ -241,6 +241,10 @@ def make_items(images: Any, labels: Sequence[str] | None = None) -> list[Item]:
         images = [images]
     if not images:
         raise ValueError("images: the list is empty")
+    if labels is not None:
+        if isinstance(labels, str) or len(labels) != len(images):
+            got = "a string" if isinstance(labels, str) else f"{len(labels)} names"
+            raise ValueError(f"image_labels: got {got} for {len(images)} images; pass a list of one name per image")
     items = []
     for i, img in enumerate(images):
         name = labels[i] if labels else (str(img) if isinstance(img, str) else f"image {i}")

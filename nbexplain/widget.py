@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from .methods import REGISTRY, get as get_method
-from ._errors import positive_int
+from ._errors import closest, positive_int
 from .api import class_index
 from .attribution import Attribution
 from .calls import eager
@@ -371,6 +371,7 @@ class Explorer(ipywidgets.VBox):
         view.on_error = self._show_error
         view.observe(self._clear_errors, names="status")
         super().__init__([view, self.chart, self.exports, self.errors])
+        self._ready = True
 
     def _clear_errors(self, change: dict) -> None:
         if change["new"] == "idle":
@@ -389,8 +390,14 @@ class Explorer(ipywidgets.VBox):
         view = self.__dict__.get("view")
         if view is not None and name != "view" and view.has_trait(name) and not self.has_trait(name):
             setattr(view, name, value)
-        else:
-            super().__setattr__(name, value)
+            return
+        if self.__dict__.get("_ready") and not name.startswith("_") and not self.has_trait(name) \
+                and name not in self.__dict__ and not hasattr(type(self), name):
+            # a misspelt control (w.stpes = 8) would otherwise be a new attribute that changes nothing
+            controls = [n for n in view.trait_names() if not n.startswith("_") and not self.has_trait(n)]
+            raise AttributeError(f"explorer: no control {name!r}.{closest(name, controls)} "
+                                 f"Controls: {', '.join(sorted(controls))}")
+        super().__setattr__(name, value)
 
     def trust(self, methods: Sequence[str] | None = None, **kwargs: Any):
         """A TrustPanel (randomisation, deletion/insertion, agreement) for what the explorer shows now:

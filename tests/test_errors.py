@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import os
 import warnings
 
@@ -737,3 +738,91 @@ def test_a_dynamically_quantized_model_gets_forward_methods_and_a_clear_error_fo
         with pytest.raises(ValueError, match="'occlusion'"):
             nbx.attribute(quantized, x, method, baseline="zeros") if method == "integrated_gradients" else \
                 nbx.attribute(quantized, x, method)
+
+
+# ------------------------------------------------------------------------------- a user's slips
+
+
+def test_an_own_method_that_returns_the_wrong_thing_or_registers_badly_is_named(cnn):
+    from nbexplain.methods import REGISTRY, Param, register
+    returns = {"nothing": (lambda ctx: None, TypeError, "returned NoneType"),
+               "numpy": (lambda ctx: ctx.x.numpy(), TypeError, "returned ndarray"),
+               "unbatched": (lambda ctx: ctx.x[0], ValueError, r"returned shape \(3, 64, 64\)")}
+    try:
+        for name, (fn, error, match) in returns.items():
+            register(f"slip_{name}", kind="pixel", signed=False, summary="-")(fn)
+            with pytest.raises(error, match=match):
+                nbx.attribute(cnn, X, f"slip_{name}")
+        register("slip_nan", kind="pixel", signed=True, summary="-")(lambda ctx: ctx.x * torch.nan)
+        with pytest.warns(UserWarning, match="NaN or infinite"):
+            out = nbx.attribute(cnn, X, "slip_nan")
+        assert np.isfinite(out.map).all() and not out.raw.isnan().any()
+    finally:
+        for name in (*returns, "nan"):
+            REGISTRY.pop(f"slip_{name}", None)
+    for spec, match in ((dict(kind="bogus"), "kind='bogus'"), (dict(kind="pixel", params=(1,)), "Param"),
+                        (dict(kind="pixel", reduce="max"), "reduce='max'")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            register("slip_spec", signed=False, summary="-", **spec)(lambda ctx: ctx.x)
+        assert "slip_spec" not in REGISTRY
+    with pytest.raises(TypeError, match="decorates a function"):
+        register("slip_spec", kind="pixel", signed=False, summary="-")(5)
+    assert Param("p", "int", 1, "-") is not None
+
+
+def test_inputs_without_dense_values_and_bad_normalisation_are_refused_by_name(cnn):
+    with pytest.raises(ValueError, match="to_dense"):
+        nbx.attribute(cnn, X[None].to_sparse(), "saliency")
+    with pytest.raises(ValueError, match="meta device"):
+        nbx.attribute(cnn, X, "integrated_gradients", baseline=torch.zeros(1, 3, 64, 64, device="meta"))
+    for kw in (dict(mean=(float("nan"),) * 3), dict(std=(1.0, float("inf"), 1.0)), dict(std=()),
+               dict(mean="abc")):
+        with pytest.raises(ValueError, match="one finite number per input channel"):
+            nbx.Preprocess(**kw)
+    with pytest.raises(FileNotFoundError, match="download the picture first"):
+        nbx.attribute(cnn, "https://example.org/cat.png", "saliency")
+    with pytest.raises(ValueError, match="max_side=0"):
+        nbx.attribute(cnn, X, "saliency").downsized(0)
+
+
+def test_replay_names_the_callers_slip_and_a_corrupt_field(cnn, tmp_path):
+    exp = nbx.attribute(cnn, X, "integrated_gradients", steps=4, baseline=torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="pass a tensor"):       # the caller's argument, not the export
+        nbx.replay(exp.to_json(), cnn, baseline="black")
+    doc = json.loads(exp.to_json())
+    doc["versions"] = "1.0"
+    with pytest.raises(ValueError, match="versions field is corrupt"):
+        nbx.replay(doc, cnn)
+    with pytest.raises(ValueError, match="neither JSON text nor the path"):
+        nbx.replay(str(tmp_path / "cat.jpg"), cnn)
+
+
+def test_a_misspelt_explorer_control_or_a_label_per_image_missing_is_named(cnn):
+    w = nbx.explain(cnn, [X, X.flip(2)])
+    try:
+        with pytest.raises(AttributeError, match="Did you mean: 'steps'"):
+            w.stpes = 8
+        w.steps = 8                                          # controls, and the widget's own attributes, still set
+        w.layout.width = "500px"
+        assert w.view.steps == 8
+    finally:
+        w.close()
+    for labels in (["one"], ["a", "b", "c"], "ab"):
+        with pytest.raises(ValueError, match="image_labels"):
+            nbx.explain(cnn, [X, X.flip(2)], image_labels=labels)
+
+
+def test_a_weights_file_that_is_no_state_dict_or_does_not_fit_is_named(tmp_path):
+    import timm
+    model = timm.create_model("resnet18", num_classes=10)
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save(model.state_dict(), tmp_path / "ten.pt")
+    torch.save({"module." + k: v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    for name in ("text.pt", "empty.safetensors"):
+        with pytest.raises(ValueError, match="could not be read as a state dict"):
+            nbx.load_model("resnet18", weights=tmp_path / name)
+    with pytest.raises(ValueError, match="num_classes"):
+        nbx.load_model("resnet18", weights=tmp_path / "ten.pt")
+    loaded = nbx.load_model("resnet18", weights=tmp_path / "ddp.pt", num_classes=10)   # DDP's prefix dropped
+    assert torch.equal(loaded.fc.weight, model.fc.weight)

@@ -37,6 +37,10 @@ class Param:
         if isinstance(value, torch.Tensor):
             if not self.tensor:
                 raise TypeError(f"{method}: {self.name}: a tensor is not accepted here")
+            if value.is_meta or value.layout != torch.strided:
+                raise ValueError(f"{method}: {self.name}: a tensor {self.name} must be a dense tensor with values, "
+                                 f"got one {'on the meta device' if value.is_meta else f'of layout {value.layout}'}; "
+                                 "pass e.g. torch.zeros(...) or call .to_dense()")
             if value.is_complex():
                 raise ValueError(f"{method}: {self.name}: a tensor {self.name} must hold real numbers, got {value.dtype}")
             value = value if value.is_floating_point() else value.float()       # integer zeros are zeros
@@ -87,9 +91,36 @@ class Method:
     params: tuple[Param, ...] = ()
     needs_layer: bool = False
     vit_only: bool = False
-    reduce: str = "sum"           # pixel methods: how channels collapse for display (sum | absmax)
+    reduce: str = "sum"           # pixel methods: how channels collapse for display (sum | mean | absmax)
     reference: str = ""
     tags: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        where = f"register({self.name!r})"
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"register: a method's name is a non-empty string, got {self.name!r}")
+        if not callable(self.fn):
+            raise TypeError(f"{where}: decorates a function fn(ctx, **params), got {type(self.fn).__name__}")
+        if self.kind not in KINDS:
+            raise ValueError(f"{where}: kind={self.kind!r}; use one of {', '.join(map(repr, KINDS))}")
+        if self.reduce not in ("sum", "mean", "absmax"):
+            raise ValueError(f"{where}: reduce={self.reduce!r}; use 'sum', 'mean' or 'absmax'")
+        for p in self.params:
+            if not isinstance(p, Param) or p.type not in ("int", "float", "choice", "bool"):
+                raise TypeError(f"{where}: params are Param(name, type, default, help, ...) with type 'int', "
+                                f"'float', 'choice' or 'bool', got {p!r}")
+
+    def checked(self, raw: Any, x: torch.Tensor) -> torch.Tensor:
+        """What ``fn`` returned, or an error that names the shape the method's kind needs."""
+        n = len(x)
+        need = f"(N,C,H,W) like the input {tuple(x.shape)}" if self.kind == "pixel" else f"(N,h,w) with N={n}"
+        if not isinstance(raw, torch.Tensor):
+            raise TypeError(f"method {self.name!r} returned {type(raw).__name__}; a {self.kind} method returns a "
+                            f"torch.Tensor of shape {need}")
+        if (raw.shape != x.shape) if self.kind == "pixel" else (raw.ndim != 3 or raw.shape[0] != n):
+            raise ValueError(f"method {self.name!r} returned shape {tuple(raw.shape)}; a {self.kind} method "
+                             f"returns {need}")
+        return raw
 
     def validate(self, given: dict) -> dict:
         known = {p.name: p for p in self.params}
@@ -106,6 +137,7 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+KINDS = ("pixel", "cam", "attention")
 
 
 def register(name: str, **spec: Any) -> Callable[[Callable], Callable]:
