@@ -20,6 +20,7 @@ from .layers import (Layer, as_spatial, channels_first, checked, first_tensor, o
 from .folding import folded, folded_weights
 from .speed import Plan, plan, single_format
 from .kernels import substituted, substitutes
+from .workarounds import batchnorm_fixes
 from .stem import input_gradient_sum, input_stem, summed_at_stem
 from .tail import Tail, dead_tokens, pruned
 
@@ -131,7 +132,7 @@ class Context:
             self._folded = folded_weights(pairs)
         fmt = self.layout(samples)
         tail = self._tail(samples)
-        faster = self._substitutes if self.swaps_allowed else []
+        faster = (self._substitutes + (self._batchnorm_fixes if samples < 2 else [])) if self.swaps_allowed else []
         with folded(pairs, self._folded or []), pruned(self.model, tail), substituted(faster):
             yield fmt
 
@@ -173,6 +174,10 @@ class Context:
     @cached_property
     def _substitutes(self) -> list:
         return substitutes(modules_of(self.model))
+
+    @cached_property
+    def _batchnorm_fixes(self) -> list:
+        return batchnorm_fixes(modules_of(self.model))
 
     @cached_property
     def _single(self) -> torch.memory_format:
@@ -366,7 +371,12 @@ class Context:
                 outputs[name] = t
                 # later in-place ops (ReLU(inplace=True)) must not rewrite what we captured
                 clone = t.clone()
-                return clone if isinstance(out, torch.Tensor) else (clone, *out[1:])
+                if isinstance(out, torch.Tensor):
+                    return clone
+                # the graph starts at the whole output: PiT's stage returns (patch tokens, class tokens) and
+                # its head reads only the latter, whose gradient must still reach the score
+                rest = [graph_start(o) if gradients and isinstance(o, torch.Tensor) else o for o in out[1:]]
+                return (clone, *rest)
             return hook
 
         x = self.x.detach().requires_grad_(input_grad)

@@ -88,14 +88,17 @@ def _infer(model: nn.Module) -> ModelInfo:
 
 def _per_channel(model: nn.Module, cfg: dict):
     """The config's mean/std for the channels the model takes. timm keeps the RGB config of a model built
-    with ``in_chans=1`` (a grayscale X-ray model, say); the config's ``first_conv`` names the conv that
-    says how many channels it reads. One channel gets the RGB averages, n channels the RGB values in
+    with ``in_chans=1`` (a grayscale X-ray model, say); the model's ``in_chans``, else the conv the
+    config's ``first_conv`` names, says how many channels it reads. One channel gets the RGB averages, n channels the RGB values in
     turn (as timm adapts RGB weights)."""
     mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     names = cfg.get("first_conv")
     names = [names] if isinstance(names, str) else list(names or [])
+    declared = model.__dict__.get("in_chans")
     try:
-        n = {model.get_submodule(name).in_channels for name in names}
+        # the model's own count where it keeps one: TResNet's first conv reads its space-to-depth stem (48)
+        n = {declared} if isinstance(declared, int) and declared > 0 else \
+            {model.get_submodule(name).in_channels for name in names}
     except (AttributeError, TypeError):
         return mean, std
     if len(n) != 1 or len(mean) != 3 or n == {3}:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -447,15 +448,18 @@ def attention_probabilities(model, x):
 
 def test_rollout_through_cait_class_attention():
     """CaiT: self-attention among the 16 patches before the class token joins, then class attention
-    where only the class token queries. Each block is the identity on the tokens it does not update."""
+    where only the class token queries. Each block is the identity on the tokens it does not update. The
+    self-attention mixes its heads after the softmax (talking heads): its negative weights are clipped."""
     model = make_model("cait_xxs24_224", img_size=64, embed_dim=32, depth=2, num_heads=2, depth_token_only=1)
     x = make_input(1, 64)[0]
     roll = nbx.attribute(model, x, "attention_rollout", discard_ratio=0.0, target=3)
     last = nbx.attribute(model, x, "attention", block=-1, target=3)
     maps = attention_probabilities(model, x)
     assert [tuple(a.shape[1:]) for a in maps] == [(16, 16), (16, 16), (1, 17)]
+    assert any(bool((a < 0).any()) for a in maps)
     eye, result = torch.eye(17), torch.eye(17)
     for a in maps:
+        a = a.clamp(min=0)
         block = torch.eye(17)
         if a.shape[-1] == 16:
             block[1:, 1:] = a.mean(0)
@@ -1028,3 +1032,64 @@ def test_a_model_whose_parameters_sit_in_its_first_layer_lists_its_layers():
     x = make_input(1, 32)
     assert [layer["name"] for layer in nbx.layers(model, x)] == ["0", "1"]
     assert nbx.attribute(model, x[0], "gradcam").meta["layer"] in ("0", "1")
+
+
+class TokenStem(nn.Module):
+    """A conv stem whose BatchNorm output becomes patch tokens (x.flatten(2).transpose(1, 2)), as in XCiT
+    and LeViT, then a linear head over the tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16 * 36, 5)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.normal_()
+
+    def forward(self, x):
+        tokens = self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(torch.tanh(tokens * torch.linspace(-1, 1, 16)).flatten(1))
+
+
+@pytest.mark.parametrize("arch", ["token_stem", "xcit_nano_12_p16_224"])
+def test_one_images_gradient_through_a_batchnorm_before_tokens_is_exact(arch):
+    """PyTorch's BatchNorm backward read a single image's odd-strided gradient in the wrong order (CPU):
+    XCiT's saliency came out 100% off, and from the second call (channels-last) right. The reference is the
+    same image's gradient in a batch of two, in float64."""
+    import timm
+    torch.manual_seed(0)
+    model = TokenStem().eval() if arch == "token_stem" else \
+        timm.create_model(arch, num_classes=5, img_size=48).eval()
+    x = torch.randn(1, 3, 12 if arch == "token_stem" else 48, 12 if arch == "token_stem" else 48)
+    twin = (TokenStem() if arch == "token_stem" else timm.create_model(arch, num_classes=5, img_size=48)).eval()
+    twin.load_state_dict(model.state_dict())
+    pair = x.double().expand(2, -1, -1, -1).clone().requires_grad_()
+    ref, = torch.autograd.grad(twin.double()(pair)[:, 1].sum(), pair)
+    for _ in range(3):                                   # the first call, then the fast paths' calls
+        got = nbx.attribute(model, x, "saliency", target=1)[0].raw
+        assert_close(got, ref[:1].float())
+
+
+def test_a_layer_whose_tuple_output_the_head_reads_in_part_gives_a_zero_cam_with_a_warning():
+    """PiT's stages return (patch tokens, class tokens) and its head reads only the class tokens: the
+    gradient at the patch tokens is zero, which a warning says; it was 'scores carry no gradient'."""
+    model = make_model("pit_ti_224", img_size=64)
+    x = make_input(1, 64)[0]
+    with pytest.warns(UserWarning, match="gradient is zero at every position"):
+        out = nbx.attribute(model, x, "gradcam", layer="transformers", target=1)
+    assert not out.map.any()
+    with warnings.catch_warnings(record=True) as caught:   # an earlier stage's tokens reach the class token
+        warnings.simplefilter("always")
+        nbx.attribute(model, x, "gradcam", layer="transformers.1", target=1)
+    assert not any("gradient is zero" in str(w.message) for w in caught)
+
+
+def test_talking_heads_attention_is_shown_by_its_positive_weights():
+    """CaiT mixes its heads after the softmax, so a head's weights can all be negative: the unsigned map
+    read -1..-0.996. The negative weights are clipped, with a warning."""
+    model = make_model("cait_xxs24_224", img_size=64, embed_dim=32, depth=2, num_heads=2, depth_token_only=1)
+    x = make_input(1, 64)[0]
+    for head in range(2):
+        with pytest.warns(UserWarning, match="talking-heads"):
+            out = nbx.attribute(model, x, "attention", block=0, head=head, target=3)
+        assert out.map.min() >= 0 and out.map.max() <= 1

@@ -170,3 +170,13 @@ def test_the_hub_check_asks_the_hub_librarys_own_address(monkeypatch):
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
         assert _online()
     assert not _online()                               # closed now
+
+
+def test_a_model_that_declares_its_input_channels_is_taken_at_its_word():
+    """TResNet's config names as first conv the one after its space-to-depth stem (48 channels): the model's
+    in_chans (3) says what it takes."""
+    import timm
+    for channels in (3, 1):
+        model = timm.create_model("tresnet_m", num_classes=4, in_chans=channels).eval()
+        assert nbx.models.describe(model).preprocess.channels == channels
+        assert nbx.attribute(model, torch.randn(channels, 32, 32), "saliency", target=0).map.shape == (32, 32)

@@ -81,6 +81,16 @@ def readings(ctx: Context, method: str, maps: list[torch.Tensor], names: list[st
     return found
 
 
+def positive(ctx: Context, method: str, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The attention weights, which a softmax makes non-negative, unless the heads are mixed after it
+    (CaiT's talking heads): then the negative weights are clipped, and a warning says so."""
+    if not any(bool((a < 0).any()) for a in maps):
+        return maps
+    ctx.warn(f"{method}: this model mixes its heads after the softmax (talking-heads attention, as in CaiT), so "
+             "some attention weights are negative; the map shows the positive ones", stacklevel=4)
+    return [a.clamp(min=0) for a in maps]
+
+
 def _instead(found: list) -> str:
     ok = [i for i, f in enumerate(found) if not isinstance(f, str)]
     where = f"Use 'attention' at a block that lies on the grid ({_spans(ok)}), or " if ok else "Use "
@@ -134,8 +144,9 @@ def attention(ctx: Context, block: int, head: int, fusion: str) -> torch.Tensor:
     maps, _, names = ctx.attention()
     if not -len(maps) <= block < len(maps):
         raise ValueError(f"attention: block={block} out of range; the model has {len(maps)} blocks "
-                         f"(0..{len(maps) - 1}, or -1 for the last)")
-    a, i = maps[block], block % len(maps)
+                         f"(0..{len(maps) - 1}, or -1..-{len(maps)} counting from the last)")
+    i = block % len(maps)
+    a = positive(ctx, "attention", [maps[i]])[0]
     layout = reading(ctx, a, names[i])
     if isinstance(layout, str):
         raise ValueError(f"attention: block {i} ({names[i]}) has {layout}, which does not lie on the patch "
@@ -153,7 +164,8 @@ def attention(ctx: Context, block: int, head: int, fusion: str) -> torch.Tensor:
 def attention_rollout(ctx: Context, fusion: str, discard_ratio: float) -> torch.Tensor:
     maps, _, names = ctx.attention()
     layouts = readings(ctx, "attention_rollout", maps, names)
-    return to_patches(ctx, *rollout([fuse(a, fusion) for a in maps], layouts, discard_ratio))
+    return to_patches(ctx, *rollout([fuse(a, fusion) for a in positive(ctx, "attention_rollout", maps)],
+                                    layouts, discard_ratio))
 
 
 @register("grad_rollout", kind="attention", signed=False, vit_only=True, params=(_DISCARD,),
