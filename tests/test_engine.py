@@ -1093,3 +1093,19 @@ def test_talking_heads_attention_is_shown_by_its_positive_weights():
         with pytest.warns(UserWarning, match="talking-heads"):
             out = nbx.attribute(model, x, "attention", block=0, head=head, target=3)
         assert out.map.min() >= 0 and out.map.max() <= 1
+
+
+def test_occlusion_says_when_no_window_moves_the_score_beyond_rounding():
+    """A net that barely sees the image (RepVGG in random weights: drops of 1e-8) gave a full-range map of
+    rounding noise with no word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbx.attribute(model, x, "occlusion", patch=8, stride=4)
+    with torch.no_grad():
+        model[0].weight.mul_(1e-9)
+        model[4].bias.fill_(5.0)
+    with pytest.warns(UserWarning, match="occlusion: no window moves the score by more than rounding"):
+        nbx.attribute(model, x, "occlusion", patch=8, stride=4)

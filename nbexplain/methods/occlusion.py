@@ -10,6 +10,7 @@ from . import Param, register
 from .baselines import make_baseline
 
 FILLS = ("zeros", "black", "mean", "blur")
+NOISE = 1e-5      # of the score: float32 passes in other batch sizes or on crops differ by ~1e-7 of it
 
 
 def windows(size: int, patch: int, stride: int) -> list[int]:
@@ -43,6 +44,7 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
     base = ctx.logits.gather(1, t[:, None])[:, 0]            # the pass that chose the targets
     total = torch.zeros(n, 1, h, w, device=x.device)
     count = torch.zeros(1, 1, h, w, device=x.device)
+    largest = torch.zeros(n, device=x.device)             # each image's largest |drop|
     per_chunk = max(1, ctx.batch_size // n)
     for i in range(0, len(spots), per_chunk):
         chunk = spots[i:i + per_chunk]
@@ -52,8 +54,21 @@ def occlusion(ctx: Context, patch: int, stride: int, fill: str) -> torch.Tensor:
         boxes = [(y, min(y + ph, h), xx, min(xx + pw, w)) for y, xx in chunk for _ in range(n)]
         scores = ctx.occluded_scores(xs, boxes, list(range(n)) * len(chunk), t.repeat(len(chunk)), (ph, pw))
         drop = (base.repeat(len(chunk)) - scores).view(len(chunk), n)
+        largest = torch.maximum(largest, drop.abs().amax(0))
         for j, (y, xx) in enumerate(chunk):
             total[:, :, y:y + ph, xx:xx + pw] += drop[j].view(n, 1, 1, 1)
             count[:, :, y:y + ph, xx:xx + pw] += 1
         ctx.report((i + len(chunk)) / len(spots))
+    _warn_if_noise(ctx, largest, base)
     return (total / count).expand_as(x).clone()
+
+
+def _warn_if_noise(ctx: Context, largest: torch.Tensor, base: torch.Tensor) -> None:
+    """Score drops at rounding level (a dead or untrained net) would be stretched to a full-range map."""
+    noise = largest <= NOISE * base.abs().clamp(min=1)
+    if bool(noise.any()):
+        i = int(noise.nonzero()[0])
+        ctx.warn(f"occlusion: no window moves the score by more than rounding (at most {float(largest[i]):.1e} of "
+                 f"a score of {float(base[i]):.3g}), so the map shows noise; the model may not look at the image "
+                 "(untrained or dead units), or the patch may be too small to matter", stacklevel=4)
+
