@@ -122,20 +122,7 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
                 ctx.seen(logits.to(device))
             return ctx, spec.checked(spec.fn(ctx, **params), x)
 
-        try:
-            ctx, raw = run()
-        except CheckpointError:
-            # the model checkpoints a segment itself (torch.utils.checkpoint): its backward recomputed the
-            # segment with the pass's swapped weights put back. Known now, passes swap nothing on it.
-            if not recomputes_segments(model):
-                raise
-            ctx, raw = run()
-        except RuntimeError as e:
-            if "use_reentrant=True" in str(e):
-                raise ValueError(REENTRANT) from e
-            if "not have been used in the graph" in str(e):
-                raise ValueError(DISCONNECTED) from e
-            raise
+        ctx, raw = _attempt(run, model)
         if not all_finite(raw):
             ctx.warn(f"{spec.name}: the attribution holds NaN or infinite values, shown as 0; the gradients "
                      "overflowed or the method divided by zero", stacklevel=3)
@@ -150,6 +137,24 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
         targets = ctx.targets                      # a method that never looked at x still gets them
         logits = ctx.logits
     return Run(spec, params, raw.detach(), targets.cpu(), logits.cpu(), ctx.meta, ctx.per_image, device)
+
+
+def _attempt(run: Callable[[], tuple[Context, torch.Tensor]], model: nn.Module) -> tuple[Context, torch.Tensor]:
+    """``run()``; again, swapping nothing, if the model turns out to checkpoint a segment itself
+    (``torch.utils.checkpoint``: its backward recomputed the segment with the pass's swapped weights put
+    back). torch's errors for a model that input gradients cannot pass are said with their fix."""
+    try:
+        return run()
+    except CheckpointError:
+        if not recomputes_segments(model):     # known before: something else went wrong
+            raise
+        return run()
+    except RuntimeError as e:
+        if "use_reentrant=True" in str(e):
+            raise ValueError(REENTRANT) from e
+        if "not have been used in the graph" in str(e):
+            raise ValueError(DISCONNECTED) from e
+        raise
 
 
 def _warn_empty(ctx: Context, method: str) -> None:
