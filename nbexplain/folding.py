@@ -81,6 +81,33 @@ def find_pairs(model: nn.Module, run: Callable[[], object]) -> list[Pair]:
             if calls[conv] == 1 and calls[bn] == 1 and bn.num_features == conv.out_channels]
 
 
+@contextmanager
+def distinct_statistics(model: nn.Module) -> Iterator[None]:
+    """Every foldable BatchNorm's running statistics moved (σ² by up to ±25%, μ by up to ±σ/4; seeded) until
+    exit, for the probe that decides folding. A conv output that feeds its BN and something else (MaxViT's
+    stem: the next block's shortcut) must not be folded, and the probe tells by comparing logits; but a fresh
+    BN (μ = 0, σ² = 1) is the identity within its ε, so in random weights the folded model's logits moved
+    by 1e-4 of their scale, under the tolerance, while its input gradients moved by 1e-3. A correct fold
+    keeps the logits for any statistics. A hooked model keeps its statistics: its hooks see the probe."""
+    gen = torch.Generator().manual_seed(0)
+    saved = []
+    hooks = global_hooks() or any(hooked(m) for m in model.modules())
+    try:
+        for bn in () if hooks else model.modules():
+            if not _foldable(bn):
+                continue
+            mean, var = bn._buffers["running_mean"], bn._buffers["running_var"]
+            grow = (0.75 + 0.5 * torch.rand(var.shape, generator=gen)).to(var)
+            shift = (0.5 * torch.rand(mean.shape, generator=gen) - 0.25).to(mean)
+            saved.append((bn, mean, var))
+            bn._buffers["running_var"] = var * grow
+            bn._buffers["running_mean"] = mean + shift * var.clamp(min=0).sqrt().to(mean)
+        yield
+    finally:
+        for bn, mean, var in saved:
+            bn._buffers["running_mean"], bn._buffers["running_var"] = mean, var
+
+
 def folded_weights(pairs: list[Pair]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """W·s and (b − μ)·s + β with s = γ/√(σ² + ε), from the current parameters (never cached: a
     user who trains between calls, even through ``p.data``, gets maps of the new weights). None for a

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .calls import call
-from .folding import Pair, find_pairs, folded, folded_weights
+from .folding import Pair, distinct_statistics, find_pairs, folded, folded_weights
 from .hygiene import borrowed, forward_hooks, module_set, modules_of
 
 _CHOSEN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -123,7 +123,7 @@ def _probe(model: nn.Module, x: torch.Tensor) -> Plan:
             volume[0] += out.numel()
             peak[0] = max(peak[0], out.numel())
 
-    with borrowed(model), torch.no_grad():
+    with borrowed(model), torch.no_grad(), distinct_statistics(model):
         ref: list[torch.Tensor | None] = []
         with forward_hooks((m, count) for m in convs):
             pairs = tuple(find_pairs(model, lambda: ref.append(run(torch.contiguous_format))))

@@ -921,3 +921,33 @@ def test_nchw_max_pooling_runs_channels_last_with_the_same_maps_and_layout(monke
     monkeypatch.setattr(context, "substitutes", lambda modules: [])
     for m, kw in methods:
         assert torch.equal(nbx.attribute(model, x, m, target=TARGET, **kw)[0].raw, fast[m]), m
+
+
+class SharedConvOutput(nn.Module):
+    """MaxViT's stem in small: a conv whose output feeds its BatchNorm and, unnormalised, a shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, eps=1e-3)   # fresh statistics
+        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(torch.tanh(self.conv2(self.bn(y)) + y).mean((2, 3)))
+
+
+def test_a_conv_output_that_also_feeds_a_shortcut_is_not_folded_even_with_fresh_statistics():
+    """A fresh BN is the identity within its eps, so folding it into a conv whose output the shortcut reads
+    too moved the logits by 1e-4 of their scale (under the probe's tolerance) and the input gradients by
+    1e-3 (MaxViT in random weights). The probe moves the statistics, so such a fold shows."""
+    torch.manual_seed(0)
+    model = SharedConvOutput().eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert plan(model, x).pairs == ()
+    twin = SharedConvOutput().double().eval()
+    twin.load_state_dict(model.state_dict())
+    xi = x.double().requires_grad_()
+    ref, = torch.autograd.grad(twin(xi)[:, 1].sum(), xi)
+    got = torch.cat([a.raw for a in nbx.attribute(model, x, "saliency", target=1)])
+    assert_close(got, ref.float())
+    assert model.bn.running_var.eq(1).all() and model.bn.running_mean.eq(0).all()     # the user's, untouched
