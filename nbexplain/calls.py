@@ -41,7 +41,7 @@ def size_hint(x: torch.Tensor) -> Iterator[None]:
     where pictures are resized to the model's input size."""
     try:
         yield
-    except (AssertionError, RuntimeError, ValueError) as e:
+    except (AssertionError, RuntimeError, ValueError, IndexError) as e:   # IndexError: MViTv2's position table
         channels = _CHANNELS.search(str(e))
         if channels and hasattr(e, "add_note"):
             want, got = channels.groups()

@@ -376,7 +376,7 @@ class Context:
                 # the graph starts at the whole output: PiT's stage returns (patch tokens, class tokens) and
                 # its head reads only the latter, whose gradient must still reach the score
                 rest = [graph_start(o) if gradients and isinstance(o, torch.Tensor) else o for o in out[1:]]
-                return (clone, *rest)
+                return same_container(out, [clone, *rest])
             return hook
 
         x = self.x.detach().requires_grad_(input_grad)
@@ -468,6 +468,13 @@ def _probabilities(logits: torch.Tensor) -> bool:
     """Outputs that look like a softmax's: several classes, non-negative, each row summing to 1."""
     rows = logits.float()
     return rows.shape[1] > 1 and bool((rows >= 0).all()) and bool(((rows.sum(1) - 1).abs() < 1e-4).all())
+
+
+def same_container(out: tuple | list, items: list):
+    """``items`` in the container ``out`` came in: SelecSLS's blocks pass a list on and wrap anything else."""
+    if isinstance(out, list):
+        return items
+    return type(out)(*items) if hasattr(out, "_fields") else tuple(items)     # a namedtuple, a tuple
 
 
 def graph_start(t: torch.Tensor) -> torch.Tensor:

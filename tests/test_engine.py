@@ -1109,3 +1109,36 @@ def test_occlusion_says_when_no_window_moves_the_score_beyond_rounding():
         model[4].bias.fill_(5.0)
     with pytest.warns(UserWarning, match="occlusion: no window moves the score by more than rounding"):
         nbx.attribute(model, x, "occlusion", patch=8, stride=4)
+
+
+class ListBlocks(nn.Module):
+    """SelecSLS's pattern: each block returns [features, skip] and wraps any other input in a list."""
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+
+        def forward(self, x):
+            if not isinstance(x, list):
+                x = [x]
+            return [torch.relu(self.conv(x[0])), x[0]]
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(self.Block(3, 8), self.Block(8, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.features(x)[0].mean((2, 3)))
+
+
+def test_a_cam_at_a_layer_that_returns_a_list_hands_the_next_layer_a_list():
+    """The capture hook returned a tuple for any output that is no tensor: SelecSLS's next block wrapped
+    it in a list and conv2d got a tuple (TypeError from inside the model)."""
+    torch.manual_seed(0)
+    model = ListBlocks().eval()
+    x = torch.randn(2, 3, 16, 16)
+    for method in ("gradcam", "scorecam"):
+        out = nbx.attribute(model, x, method, layer="features.0", target=1)
+        assert out[0].map.shape == (16, 16) and np.isfinite(out[0].map).all()

@@ -826,3 +826,19 @@ def test_a_weights_file_that_is_no_state_dict_or_does_not_fit_is_named(tmp_path)
         nbx.load_model("resnet18", weights=tmp_path / "ten.pt")
     loaded = nbx.load_model("resnet18", weights=tmp_path / "ddp.pt", num_classes=10)   # DDP's prefix dropped
     assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+def test_an_index_error_from_a_model_built_for_another_size_carries_the_size_note():
+    """MViTv2 built at img_size=64 and given 224 px indexes its relative-position table out of bounds."""
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.table = nn.Conv2d(3, 4, 8, stride=8), nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y.mean((2, 3)) + self.table[torch.arange(y.shape[-1])].sum(0)
+
+    with pytest.raises(IndexError) as caught:
+        nbx.attribute(Table().eval(), torch.randn(3, 96, 96), "saliency")
+    assert any("built for another" in note or "img_size" in note for note in getattr(caught.value, "__notes__", []))
