@@ -50,15 +50,24 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 
 def find_pairs(model: nn.Module, run: Callable[[], object]) -> list[Pair]:
     """(conv, BN) pairs where the BN reads exactly the conv's output tensor, each module run once in
-    ``run()``. A conv output that also feeds something else is not detected here: the caller compares
-    the folded model's logits with the original's and drops every pair if they differ."""
+    ``run()``, and no other module reads that tensor (MaxViT's stem: the next block's shortcut does; the
+    modules that contain the BN pass it on). A conv output used by a plain function as well is not seen
+    here: the caller compares the folded model's logits with the original's and drops every pair if
+    they differ."""
     produced: dict[int, tuple[nn.Module, weakref.ref]] = {}
     calls: dict[nn.Module, int] = {}
     found: dict[nn.Module, nn.Module] = {}
+    readers: dict[nn.Module, list[nn.Module]] = {}        # conv -> every module its output went into
 
     def conv_hook(conv, _inp, out):
         calls[conv] = calls.get(conv, 0) + 1
         produced[id(out)] = (conv, weakref.ref(out))    # a weak ref: a reused id of a freed tensor never matches
+
+    def read(module, args):
+        for a in args:
+            hit = produced.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if hit is not None and hit[1]() is a:
+                readers.setdefault(hit[0], []).append(module)
 
     def bn_hook(bn, args):
         calls[bn] = calls.get(bn, 0) + 1
@@ -66,7 +75,7 @@ def find_pairs(model: nn.Module, run: Callable[[], object]) -> list[Pair]:
         if hit is not None and hit[1]() is args[0]:
             found[bn] = hit[0]
 
-    handles = []
+    handles = [nn.modules.module.register_module_forward_pre_hook(read)]
     try:
         for m in model.modules():
             if isinstance(m, nn.Conv2d) and not parametrize.is_parametrized(m):
@@ -77,8 +86,24 @@ def find_pairs(model: nn.Module, run: Callable[[], object]) -> list[Pair]:
     finally:
         for h in handles:
             h.remove()
+    holders = _holders(model)
     return [(conv, bn) for bn, conv in found.items()
-            if calls[conv] == 1 and calls[bn] == 1 and bn.num_features == conv.out_channels]
+            if calls[conv] == 1 and calls[bn] == 1 and bn.num_features == conv.out_channels
+            and all(r is bn or r in holders[bn] for r in readers.get(conv, ()))]
+
+
+def _holders(model: nn.Module) -> dict[nn.Module, set[nn.Module]]:
+    """Each module's ancestors (the modules whose forward receives what they pass to it)."""
+    holders: dict[nn.Module, set[nn.Module]] = {}
+
+    def walk(module: nn.Module, above: set[nn.Module]) -> None:
+        holders[module] = above
+        for child in module.children():
+            if child not in holders:
+                walk(child, above | {module})
+
+    walk(model, set())
+    return holders
 
 
 @contextmanager

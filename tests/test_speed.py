@@ -929,21 +929,28 @@ class SharedConvOutput(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, eps=1e-3)   # fresh statistics
-        self.conv2, self.head = nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, eps=1e-3)
+        self.shortcut, self.head = nn.Identity(), nn.Linear(8, 4)
 
     def forward(self, x):
         y = self.conv(x)
-        return self.head(torch.tanh(self.conv2(self.bn(y)) + y).mean((2, 3)))
+        return self.head(torch.tanh(self.bn2(self.conv2(self.bn(y))) + self.shortcut(y)).mean((2, 3)))
 
 
 def test_a_conv_output_that_also_feeds_a_shortcut_is_not_folded_even_with_fresh_statistics():
     """A fresh BN is the identity within its eps, so folding it into a conv whose output the shortcut reads
     too moved the logits by 1e-4 of their scale (under the probe's tolerance) and the input gradients by
-    1e-3 (MaxViT in random weights). The probe moves the statistics, so such a fold shows."""
+    1e-3 (MaxViT in random weights). A module that reads the conv output besides its BN rules the pair
+    out (the other pairs fold); a function that does (below: the shortcut made a plain sum) shows in the
+    probe, whose statistics are moved, and turns folding off."""
     torch.manual_seed(0)
     model = SharedConvOutput().eval()
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    assert plan(model, x).pairs == ()
+    assert plan(model, x).pairs == ((model.conv2, model.bn2),)
+    functional = SharedConvOutput().eval()
+    functional.forward = lambda t: functional.head(torch.tanh(              # y read by the sum itself
+        functional.bn2(functional.conv2(functional.bn(y := functional.conv(t)))) + y).mean((2, 3)))
+    assert plan(functional, x).pairs == ()
     twin = SharedConvOutput().double().eval()
     twin.load_state_dict(model.state_dict())
     xi = x.double().requires_grad_()
