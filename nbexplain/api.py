@@ -123,11 +123,12 @@ def compute(model: nn.Module, x: torch.Tensor, spec, params: dict, *, target: An
             return ctx, spec.checked(spec.fn(ctx, **params), x)
 
         ctx, raw = _attempt(run, model)
-        if not all_finite(raw):
+        finite, nonzero = torch.stack([torch.isfinite(raw.sum()), raw.any()]).tolist()   # one read back
+        if not (finite or all_finite(raw)):
             ctx.warn(f"{spec.name}: the attribution holds NaN or infinite values, shown as 0; the gradients "
                      "overflowed or the method divided by zero", stacklevel=3)
             raw = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
-        if not bool(raw.any()) and not ctx.meta.get("warnings"):   # a method that says why has said so
+        if not nonzero and not ctx.meta.get("warnings"):   # a method that says why has said so
             _warn_empty(ctx, spec.name)
         # a map on a ViT's patch grid that covers more (or less) than the input: where to lay it
         extent = grid_extent(model, tuple(raw.shape[1:]), tuple(x.shape[2:])) \
@@ -223,12 +224,14 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, wei
     ``start_digest`` returned before the run)."""
     probs = probabilities(run.logits)
     k = min(TOPK, probs.shape[1])
-    top_p, top_i = probs.topk(k, 1)
+    top_p, top_i = (t.tolist() for t in probs.topk(k, 1))
     reduce_, signed = run.meta.pop("display", (run.spec.reduce, run.spec.signed))
     common = provenance(run, info, model, weights)
+    # one copy back of the whole batch (each copy from a GPU waits for its queue)
+    raws, inputs = run.raw.float().cpu(), prepared.x.detach().cpu()
     out = []
     for i in range(len(run.targets)):
-        raw = run.raw[i:i + 1].float().cpu()
+        raw = raws[i:i + 1]
         m = display_map(raw, run.spec.kind, reduce_, tuple(prepared.x.shape[2:]),
                         run.meta.get("grid_extent")).numpy()
         original = prepared.originals[i]
@@ -242,11 +245,11 @@ def package(run: Run, prepared: Prepared, info: ModelInfo, model: nn.Module, wei
                     crop_box=list(prepared.boxes[i]) if prepared.boxes and prepared.boxes[i] else None,
                     **run.meta, **{key: v[i] for key, v in run.per_image.items()})
         meta["params"] = {**meta["params"], **{key: tensor_note(v) for key, v in tensors.items()}}
-        image = original if original is not None else _pixels(prepared.x[i], info.preprocess)
+        image = original if original is not None else _pixels(inputs[i], info.preprocess)
         out.append(Attribution(m, raw, t, label,
-                               [(int(j), info.labels[j] if info.labels else None, float(p))
+                               [(j, info.labels[j] if info.labels else None, p)
                                 for p, j in zip(top_p[i], top_i[i])], meta, image, scale,
-                               prepared.x[i:i + 1].detach().cpu(), tensors))
+                               inputs[i:i + 1], tensors))
     return out
 
 

@@ -18,7 +18,8 @@ from .context import Context
 from .hygiene import borrowed, global_hook_keys
 from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
-from .models import Groups, ModelInfo, fingerprint_groups, fingerprint_of, forget_digest, start_digest
+from .models import (Groups, ModelInfo, fingerprint_groups, fingerprint_of, forget_digest, queue_sums,
+                     start_digest)
 from .pipeline import ByteLRU, Graph, Record, Stage, Workspace, digest
 from .replica import Replica
 
@@ -180,7 +181,8 @@ class Session:
             structure = (self.private.generation, *global_hook_keys())
             last = self._weights_key
             if last is not None and versions == last[:-1] and structure == self._structure:
-                check = _checker().submit(fingerprint_of, self._groups)     # the same tensors: sorted before
+                # the same tensors, sorted before; a GPU's sums queued here (see queue_sums)
+                check = _checker().submit(fingerprint_of, self._groups, queue_sums(self._groups))
                 try:
                     out = self.graph.evaluate(stage, state)
                 except BaseException:

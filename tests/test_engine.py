@@ -981,6 +981,37 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
 
 
 
+def test_a_gpus_weights_are_summed_in_chunks_that_see_the_same_edits(monkeypatch):
+    """Off the CPU the weights' sums are taken in fixed chunks of the tensors laid end to end (a few kernels,
+    not one per tensor, queued by the calling thread): forced here on the CPU, with runs and chunks small
+    enough that tensors share chunks and runs, every edit still moves the digest's key, and the same values
+    give the same key."""
+    from nbexplain import models
+    monkeypatch.setattr(models, "_fused", lambda group: True)
+    monkeypatch.setattr(models, "_CHUNK", 64)
+    monkeypatch.setattr(models, "_RUN", 5000)
+    model = make_model("resnet18", num_classes=10)
+    tensors = models.module_tensors(model)
+    groups = models.fingerprint_groups(tensors)
+    queued = models.queue_sums(groups)
+    assert queued and models.fingerprint_of(groups, queued) == models.fingerprint_of(groups) \
+        == models.value_fingerprint(tensors)
+    total = sum(float(t.double().sum()) for t in groups.floats[0])
+    assert float(queued[0].double().sum()) == pytest.approx(total, rel=1e-6)
+    for edit in (lambda: model.fc.weight.data[1].zero_(),
+                 lambda: model.layer3[0].conv1.weight.detach().numpy().__setitem__(7, 0.0),
+                 lambda: model.fc.weight.data.neg_(),
+                 lambda: model.layer2[0].conv2.weight.data[3, 2, 1, 1].neg_(),
+                 lambda: model.bn1.running_var.data.mul_(1.5)):
+        before = models.value_fingerprint(tensors)
+        edit()
+        assert models.value_fingerprint(tensors) != before
+    bf16 = make_model("resnet18", num_classes=10).to(torch.bfloat16)
+    key = models.value_fingerprint(models.module_tensors(bf16))
+    bf16.fc.weight.data[0, 0] += 0.5                    # summed in fp32: one bf16 value's edit is seen
+    assert models.value_fingerprint(models.module_tensors(bf16)) != key
+
+
 def test_a_digest_under_a_known_key_is_returned_at_once_and_a_new_key_is_hashed_anew(monkeypatch):
     """The widget passes its weights key on every control change: a digest made under that key comes back
     without a state dict (2 ms a change); a key that moved (an edit) gets the new weights' digest."""

@@ -52,3 +52,37 @@ def test_auto_batch_size_uses_the_gpu_memory():
     from nbexplain.api import auto_batch_size
     x = torch.zeros(1, 3, 224, 224, device="cuda")
     assert auto_batch_size(x, x.device) >= 8
+
+
+def test_a_gpu_models_digest_sees_edits_through_data_and_matches_its_cpu_copy():
+    """A GPU's weights are summed in chunks queued by the calling thread (``models.queue_sums``): the same
+    values give the same key on every read, an edit through ``.data`` (a sign flip keeps every norm) moves
+    it, and the provenance's sha256 is the CPU copy's."""
+    from nbexplain.models import module_tensors, value_fingerprint, weights_digest
+    torch.manual_seed(0)
+    cpu = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    tensors = module_tensors(gpu)
+    key = value_fingerprint(tensors)
+    assert all(value_fingerprint(tensors) == key for _ in range(5))
+    assert weights_digest(gpu) == weights_digest(cpu)
+    gpu.layer2[0].conv2.weight.data[3].neg_()
+    assert value_fingerprint(tensors) != key and weights_digest(gpu) != weights_digest(cpu)
+
+
+def test_occlusion_on_a_gpu_runs_whole_images_not_crops(monkeypatch):
+    """Occlusion's crop path (``incremental``) launches many small kernels per window: on a GPU it cost 15x
+    the whole images (EfficientNet-Lite0, batch 8), so a CUDA input never builds it, and the map is the
+    CPU's."""
+    from nbexplain import context, incremental
+    for module in (context, incremental):
+        monkeypatch.setattr(module, "Occluded", lambda *a, **k: pytest.fail("crops built on a GPU"))
+    torch.manual_seed(0)
+    cpu = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(2, 3, 96, 96)
+    b = nbx.attribute(gpu, x.cuda(), "occlusion", target=[1, 2], patch=24, stride=12)
+    monkeypatch.undo()
+    a = nbx.attribute(cpu, x, "occlusion", target=[1, 2], patch=24, stride=12)
+    for ea, eb in zip(a, b):
+        assert float((ea.raw - eb.raw).abs().max() / ea.raw.abs().max()) < 5e-3
