@@ -35,6 +35,8 @@ class ModelInfo:
 
 _INFO: "weakref.WeakKeyDictionary[nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
 _DIGESTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+# per model, one entry: its tensors' fingerprint groups and state dict, while it holds the same tensors (_layout)
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def describe(model: nn.Module, preprocess: Preprocess | None = None,
@@ -447,14 +449,31 @@ def start_digest(model: nn.Module, key: tuple | None = None) -> Future:
         return done
     if _HASHER is None:
         _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nbexplain-digest")
-    groups = queued = versions = None
-    if key is None:
-        tensors = module_tensors(model)
-        versions = tensor_key(tensors, values=False)
-        groups = fingerprint_groups(tensors)
-        queued = queue_sums(groups)
-    # keep_vars: the tensors themselves, not a detached view of each (a third of state_dict's 0.8 ms)
-    return _HASHER.submit(_digest, model, key, groups, queued, versions, model.state_dict(keep_vars=True))
+    tensors = module_tensors(model)
+    groups, state = _layout(model, tensors)
+    versions = tensor_key(tensors, values=False) if key is None else None
+    queued = queue_sums(groups) if key is None else None
+    return _HASHER.submit(_digest, model, key, groups, queued, versions, state)
+
+
+def _layout(model: nn.Module, tensors: list[torch.Tensor]) -> tuple[Groups, dict[str, Any]]:
+    """``fingerprint_groups`` of ``tensors`` and the model's state dict (``keep_vars``: the tensors themselves,
+    not a detached view of each), reused while its modules are the same objects holding the same tensors: a
+    state dict whose every value is one of those tensors then holds the same ones again (their values are
+    read when hashed). One holding anything else (a quantized module's packed weights, extra state) or built
+    through state-dict hooks is built anew each call. Saves 0.5 ms a call on resnet50, 1.4 ms on the H100
+    host's CPU, where a one-image pass takes 5 ms of GPU time."""
+    modules = modules_of(model)
+    ids = (*map(id, modules), *map(id, tensors))
+    hit = _LAYOUTS.get(model)
+    if hit is not None and hit[0] == ids:
+        return hit[1], hit[2] if hit[2] is not None else model.state_dict(keep_vars=True)
+    groups, state = fingerprint_groups(tensors), model.state_dict(keep_vars=True)
+    own = {id(t) for t in tensors}
+    plain = all(isinstance(v, torch.Tensor) and id(v) in own for v in state.values()) and \
+        not any(m._state_dict_hooks or m._state_dict_pre_hooks for m in modules)
+    _LAYOUTS[model] = (ids, groups, state if plain else None)
+    return groups, state
 
 
 def _digest(model: nn.Module, key: tuple | None, groups: Groups | None, queued: dict | None,

@@ -981,6 +981,47 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
 
 
 
+def test_the_state_dict_is_reused_while_the_model_holds_the_same_tensors(monkeypatch):
+    """The digest's state dict (names and tensors) is built once while the modules hold the same tensors:
+    an edit of values is still hashed anew, a module replaced gets a new state dict, and a model whose state
+    dict holds more than its tensors (extra state) gets a new one every call."""
+    import hashlib
+    from nbexplain.models import weights_digest
+
+    def sha(state):
+        h = hashlib.sha256()
+        for name, t in state.items():
+            h.update(name.encode())
+            h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    model = make_model("resnet18", num_classes=10)
+    first = weights_digest(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(model, "state_dict", lambda *a, **k: pytest.fail("state dict rebuilt"))
+    assert weights_digest(model) == first
+    model.fc.weight.data.neg_()                                  # values: read when hashed
+    state["fc.weight"] = state["fc.weight"].neg()
+    assert weights_digest(model) == sha(state) != first
+    monkeypatch.undo()
+    model.fc = nn.Linear(512, 10)                                # other tensors: a new state dict
+    assert weights_digest(model) == sha(model.state_dict())
+
+    class Extra(nn.Linear):
+        def get_extra_state(self):
+            return {"calls": 1}
+
+        def set_extra_state(self, state):
+            pass
+    model = Extra(4, 2)
+    built = []
+    state_dict = model.state_dict
+    monkeypatch.setattr(model, "state_dict", lambda *a, **k: built.append(1) or state_dict(*a, **k))
+    weights_digest(model)
+    weights_digest(model)
+    assert len(built) == 2                                       # more than its tensors: built every call
+
+
 def test_a_gpus_weights_are_summed_in_chunks_that_see_the_same_edits(monkeypatch):
     """Off the CPU the weights' sums are taken in fixed chunks of the tensors laid end to end (a few kernels,
     not one per tensor, queued by the calling thread): forced here on the CPU, with runs and chunks small
