@@ -986,6 +986,7 @@ def test_the_state_dict_is_reused_while_the_model_holds_the_same_tensors(monkeyp
     an edit of values is still hashed anew, a module replaced gets a new state dict, and a model whose state
     dict holds more than its tensors (extra state) gets a new one every call."""
     import hashlib
+    from nbexplain import models
     from nbexplain.models import weights_digest
 
     def sha(state):
@@ -1006,6 +1007,10 @@ def test_the_state_dict_is_reused_while_the_model_holds_the_same_tensors(monkeyp
     monkeypatch.undo()
     model.fc = nn.Linear(512, 10)                                # other tensors: a new state dict
     assert weights_digest(model) == sha(model.state_dict())
+    model.fc.double()                        # the same Parameter objects with new data: grouped anew
+    assert weights_digest(model) == sha(model.state_dict())
+    groups, _ = models._layout(model, models.module_tensors(model))     # (a GPU's group cannot mix devices)
+    assert all(len({(t.device, t.dtype) for t in group}) == 1 for group in groups.floats)
 
     class Extra(nn.Linear):
         def get_extra_state(self):
