@@ -349,28 +349,45 @@ def fingerprint_groups(tensors: list[torch.Tensor]) -> Groups:
                   [elsewhere[d] for d in sorted(elsewhere, key=str)], tables)
 
 
-def queue_sums(groups: Groups) -> dict[int, torch.Tensor]:
+class Queued(NamedTuple):
+    """``queue_sums``' results, still being computed on their devices."""
+    floats: dict[int, torch.Tensor]      # by index into Groups.floats
+    scalars: dict[int, torch.Tensor]     # by index into Groups.scalars
+    done: list                           # a CUDA event per device, recorded after them on the caller's stream
+
+
+def queue_sums(groups: Groups) -> Queued:
     """The sums of each float group held off the CPU (a GPU's), queued now on its device without waiting:
     ``fingerprint_of`` on a worker thread then only copies them back. A worker that launched one sum per
     tensor itself (320 on resnet50) fought the attribution's thread for the GIL: on an H100 a one-image
     saliency call took twice captum's time, its ops stalled up to the 5 ms switch interval each."""
     with torch.no_grad():
-        return {**{i: _device_sums(g) for i, g in enumerate(groups.floats) if _fused(g)},
-                **{("scalars", i): _joined(g) for i, g in enumerate(groups.scalars)}}
+        queued = Queued({i: _device_sums(g) for i, g in enumerate(groups.floats) if _fused(g)},
+                        {i: _joined(g) for i, g in enumerate(groups.scalars)}, [])
+    # the worker copies on its own stream: it waits for these first (the caller may have run on another stream)
+    devices = {t.device for t in (*queued.floats.values(), *queued.scalars.values()) if t.device.type == "cuda"}
+    for device in devices:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        queued.done.append(event)
+    return queued
 
 
-def fingerprint_of(groups: Groups, queued: dict[int, torch.Tensor] | None = None) -> int:
+def fingerprint_of(groups: Groups, queued: Queued | None = None) -> int:
     """``value_fingerprint`` of sorted tensors: reads their values now (``queued``: ``queue_sums`` of them)."""
     h = hashlib.blake2b(digest_size=8)
+    queued = queued or Queued({}, {}, [])
+    for event in queued.done:
+        event.synchronize()
     with torch.no_grad():                         # one guard, not a detach per tensor (300 on a small net)
         for t in groups.tables:
             h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         h.update(repr([t.item() for t in groups.counts]).encode())
         for i, group in enumerate(groups.scalars):     # BatchNorm's batch counters on a GPU
-            joined = queued[("scalars", i)] if queued and ("scalars", i) in queued else _joined(group)
+            joined = queued.scalars[i] if i in queued.scalars else _joined(group)
             h.update(joined.cpu().numpy().tobytes())
         for i, group in enumerate(groups.floats):
-            sums = queued[i] if queued and i in queued else _device_sums(group) if _fused(group) else _cpu_sums(group)
+            sums = queued.floats[i] if i in queued.floats else _device_sums(group) if _fused(group) else _cpu_sums(group)
             h.update(sums.double().cpu().numpy().tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
@@ -477,7 +494,7 @@ def _layout(model: nn.Module, tensors: list[torch.Tensor]) -> tuple[Groups, dict
     return groups, state
 
 
-def _digest(model: nn.Module, key: tuple | None, groups: Groups | None, queued: dict | None,
+def _digest(model: nn.Module, key: tuple | None, groups: Groups | None, queued: Queued | None,
             versions: tuple | None, state: dict[str, torch.Tensor]) -> str:
     """The worker's part of ``start_digest``: the key's sums, then the cached digest or a new one."""
     key = (*versions, fingerprint_of(groups, queued)) if key is None else key

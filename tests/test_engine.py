@@ -1040,10 +1040,10 @@ def test_a_gpus_weights_are_summed_in_chunks_that_see_the_same_edits(monkeypatch
     tensors = models.module_tensors(model)
     groups = models.fingerprint_groups(tensors)
     queued = models.queue_sums(groups)
-    assert queued and models.fingerprint_of(groups, queued) == models.fingerprint_of(groups) \
+    assert queued.floats and models.fingerprint_of(groups, queued) == models.fingerprint_of(groups) \
         == models.value_fingerprint(tensors)
     total = sum(float(t.double().sum()) for t in groups.floats[0])
-    assert float(queued[0].double().sum()) == pytest.approx(total, rel=1e-6)
+    assert float(queued.floats[0].double().sum()) == pytest.approx(total, rel=1e-6)
     for edit in (lambda: model.fc.weight.data[1].zero_(),
                  lambda: model.layer3[0].conv1.weight.detach().numpy().__setitem__(7, 0.0),
                  lambda: model.fc.weight.data.neg_(),
