@@ -22,7 +22,8 @@ from .context import DISCONNECTED, REENTRANT, Context, recomputes_segments
 from .hygiene import borrowed, full_precision, model_device
 from .images import Prepared, Preprocess, all_finite, prepare
 from .layers import candidates, grid_extent, layer_name
-from .models import ModelInfo, describe, start_digest, weights_digest
+from .digest import start_digest, weights_digest
+from .models import ModelInfo, describe
 from .speed import plan
 
 TOPK = 5

@@ -137,7 +137,7 @@ def replay(doc: str | dict | os.PathLike, model: torch.nn.Module, image: Any = N
     A tensor parameter (a custom IG baseline) travels in a JSON export; from a PNG's or an npz's provenance,
     which keep only its hash, pass it again (``baseline=...``): it is checked against that hash."""
     from .api import attribute
-    from .models import weights_digest
+    from .digest import weights_digest
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"replay: model must be the torch.nn.Module the attribution was computed with, got "
                         f"{type(model).__name__}")

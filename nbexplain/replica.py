@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .hygiene import model_lock, module_tree, settle
-from .models import describe, register, tensor_key
+from .digest import tensor_key
+from .models import describe, register
 
 
 class Replica:
@@ -41,7 +42,7 @@ class Replica:
 
     def refresh(self) -> tuple[tuple[int, ...], list[torch.Tensor]]:
         """The copy brought up to date; returns each of the model's tensors' (address, in-place version)
-        and the tensors (whose values the widget checks itself: ``models.fingerprint_of``)."""
+        and the tensors (whose values the widget checks itself: ``digest.fingerprint_of``)."""
         # under the model's own lock: a pass on the model itself (another thread's nbx.attribute) has
         # its hooks, folded weights and frozen flags on it, which a copy must not take
         with self._lock, model_lock(self.model):

@@ -18,8 +18,8 @@ from .context import Context
 from .hygiene import borrowed, global_hook_keys
 from .images import Prepared, area_resize, prepare, shrunk_size
 from .layers import candidates
-from .models import (Groups, ModelInfo, fingerprint_groups, fingerprint_of, forget_digest, queue_sums,
-                     start_digest)
+from .digest import Groups, fingerprint_groups, fingerprint_of, forget_digest, queue_sums, start_digest
+from .models import ModelInfo
 from .pipeline import ByteLRU, Graph, Record, Stage, Workspace, digest
 from .replica import Replica
 

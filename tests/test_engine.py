@@ -935,7 +935,7 @@ def test_the_weights_digest_is_of_the_weights_as_they_are_when_read():
     weights meanwhile): it equals a hash of the state_dict, and a weight changed in place after the hash
     began gives the new weights' digest, not the old one."""
     import hashlib
-    from nbexplain.models import start_digest, weights_digest
+    from nbexplain.digest import start_digest, weights_digest
 
     def sha(model):
         h = hashlib.sha256()
@@ -986,8 +986,8 @@ def test_the_state_dict_is_reused_while_the_model_holds_the_same_tensors(monkeyp
     an edit of values is still hashed anew, a module replaced gets a new state dict, and a model whose state
     dict holds more than its tensors (extra state) gets a new one every call."""
     import hashlib
-    from nbexplain import models
-    from nbexplain.models import weights_digest
+    from nbexplain import digest
+    from nbexplain.digest import weights_digest
 
     def sha(state):
         h = hashlib.sha256()
@@ -1009,7 +1009,7 @@ def test_the_state_dict_is_reused_while_the_model_holds_the_same_tensors(monkeyp
     assert weights_digest(model) == sha(model.state_dict())
     model.fc.double()                        # the same Parameter objects with new data: grouped anew
     assert weights_digest(model) == sha(model.state_dict())
-    groups, _ = models._layout(model, models.module_tensors(model))     # (a GPU's group cannot mix devices)
+    groups, _ = digest._layout(model, digest.module_tensors(model))     # (a GPU's group cannot mix devices)
     assert all(len({(t.device, t.dtype) for t in group}) == 1 for group in groups.floats)
 
     class Extra(nn.Linear):
@@ -1032,16 +1032,16 @@ def test_a_gpus_weights_are_summed_in_chunks_that_see_the_same_edits(monkeypatch
     not one per tensor, queued by the calling thread): forced here on the CPU, with runs and chunks small
     enough that tensors share chunks and runs, every edit still moves the digest's key, and the same values
     give the same key."""
-    from nbexplain import models
-    monkeypatch.setattr(models, "_fused", lambda group: True)
-    monkeypatch.setattr(models, "_CHUNK", 64)
-    monkeypatch.setattr(models, "_RUN", 5000)
+    from nbexplain import digest
+    monkeypatch.setattr(digest, "_fused", lambda group: True)
+    monkeypatch.setattr(digest, "_CHUNK", 64)
+    monkeypatch.setattr(digest, "_RUN", 5000)
     model = make_model("resnet18", num_classes=10)
-    tensors = models.module_tensors(model)
-    groups = models.fingerprint_groups(tensors)
-    queued = models.queue_sums(groups)
-    assert queued.floats and models.fingerprint_of(groups, queued) == models.fingerprint_of(groups) \
-        == models.value_fingerprint(tensors)
+    tensors = digest.module_tensors(model)
+    groups = digest.fingerprint_groups(tensors)
+    queued = digest.queue_sums(groups)
+    assert queued.floats and digest.fingerprint_of(groups, queued) == digest.fingerprint_of(groups) \
+        == digest.value_fingerprint(tensors)
     total = sum(float(t.double().sum()) for t in groups.floats[0])
     assert float(queued.floats[0].double().sum()) == pytest.approx(total, rel=1e-6)
     for edit in (lambda: model.fc.weight.data[1].zero_(),
@@ -1049,19 +1049,19 @@ def test_a_gpus_weights_are_summed_in_chunks_that_see_the_same_edits(monkeypatch
                  lambda: model.fc.weight.data.neg_(),
                  lambda: model.layer2[0].conv2.weight.data[3, 2, 1, 1].neg_(),
                  lambda: model.bn1.running_var.data.mul_(1.5)):
-        before = models.value_fingerprint(tensors)
+        before = digest.value_fingerprint(tensors)
         edit()
-        assert models.value_fingerprint(tensors) != before
+        assert digest.value_fingerprint(tensors) != before
     bf16 = make_model("resnet18", num_classes=10).to(torch.bfloat16)
-    key = models.value_fingerprint(models.module_tensors(bf16))
+    key = digest.value_fingerprint(digest.module_tensors(bf16))
     bf16.fc.weight.data[0, 0] += 0.5                    # summed in fp32: one bf16 value's edit is seen
-    assert models.value_fingerprint(models.module_tensors(bf16)) != key
+    assert digest.value_fingerprint(digest.module_tensors(bf16)) != key
 
 
 def test_a_digest_under_a_known_key_is_returned_at_once_and_a_new_key_is_hashed_anew(monkeypatch):
     """The widget passes its weights key on every control change: a digest made under that key comes back
     without a state dict (2 ms a change); a key that moved (an edit) gets the new weights' digest."""
-    from nbexplain.models import module_tensors, start_digest, tensor_key
+    from nbexplain.digest import module_tensors, start_digest, tensor_key
     model = make_model("resnet18", num_classes=10)
     key = tensor_key(module_tensors(model), values=True)
     first = start_digest(model, key).result()

@@ -55,10 +55,10 @@ def test_auto_batch_size_uses_the_gpu_memory():
 
 
 def test_a_gpu_models_digest_sees_edits_through_data_and_matches_its_cpu_copy():
-    """A GPU's weights are summed in chunks queued by the calling thread (``models.queue_sums``): the same
+    """A GPU's weights are summed in chunks queued by the calling thread (``digest.queue_sums``): the same
     values give the same key on every read, an edit through ``.data`` (a sign flip keeps every norm) moves
     it, and the provenance's sha256 is the CPU copy's."""
-    from nbexplain.models import module_tensors, value_fingerprint, weights_digest
+    from nbexplain.digest import module_tensors, value_fingerprint, weights_digest
     torch.manual_seed(0)
     cpu = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
     gpu = copy.deepcopy(cpu).cuda()

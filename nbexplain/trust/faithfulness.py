@@ -12,7 +12,8 @@ from ..attribution import Attribution, display_map
 from ..calls import call, eager, inputs_for, probabilities
 from ..hygiene import borrowed
 from ..methods.baselines import gaussian_blur
-from ..models import describe, weights_digest
+from ..digest import weights_digest
+from ..models import describe
 
 
 @dataclass
