@@ -180,8 +180,7 @@ class Context:
 
     @cached_property
     def _batchnorm_fixes(self) -> list:
-        # CUDA's BatchNorm backward reads that gradient right (XCiT on an H100: 1e-6 without the fix)
-        return batchnorm_fixes(modules_of(self.model)) if self.x.device.type == "cpu" else []
+        return batchnorm_fixes(modules_of(self.model), self.x.device)
 
     @cached_property
     def _single(self) -> torch.memory_format:

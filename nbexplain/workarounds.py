@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 
-def batchnorm_fixes(modules: list[nn.Module]) -> list[tuple[nn.Module, Callable]]:
+def batchnorm_fixes(modules: list[nn.Module], device: torch.device) -> list[tuple[nn.Module, Callable]]:
     """(module, forward) for every BatchNorm2d that runs ``nn.BatchNorm2d.forward`` and has no forward of
-    its own already (``kernels.substituted`` sets them for a pass)."""
+    its own already (``kernels.substituted`` sets them for a pass), in passes on the CPU (only its kernel
+    has the bug)."""
+    if device.type != "cpu":
+        return []
     return [(m, _contiguous_gradient(m)) for m in modules
             if isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
             and "forward" not in m.__dict__]
